@@ -1,0 +1,21 @@
+"""Typed errors. Every failure a user can cause or meet has its own class under `CSMError`."""
+
+
+class CSMError(Exception):
+    """Base class of every error csm-plugin raises on purpose."""
+
+
+class CheckpointError(CSMError, ValueError):
+    """A checkpoint is missing, cannot be downloaded, or does not match the expected format."""
+
+
+class AudioError(CSMError, ValueError):
+    """Audio input that cannot be used: empty, multi-channel, unreadable, or at an unusable rate."""
+
+
+class InputError(CSMError, ValueError):
+    """Bad text, speaker or sampling arguments."""
+
+
+class ContextTooLongError(CSMError, ValueError):
+    """The prompt does not fit in the model's position budget."""
