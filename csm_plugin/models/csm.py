@@ -1,0 +1,293 @@
+"""CSM language model: a Llama-3.2 backbone and a small Llama depth decoder over Mimi RVQ codes.
+
+Per 80 ms frame the backbone reads one row (33 columns: 32 audio codebooks + 1 text token) and
+predicts codebook 0; the depth decoder then predicts codebooks 1..31 in 31 tiny autoregressive steps.
+Weights use the rotate-half RoPE layout (transformers'); loading.py permutes Sesame's interleaved
+q/k rows into it.
+
+Static KV cache: the backbone keeps a preallocated pool of `slots` sequences; a conversation owns a
+slot, and a step reads only the positions up to its own, so truncating a history is just writing
+from an earlier position again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ContextTooLongError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """llama3 frequency scaling. transformers spells the same curve with other but equivalent
+    numbers for CSM (low 0.125, high 0.5, original 1024); any consistent triple works here."""
+
+    factor: float = 32.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 500_000.0
+    rope_scaling: RopeScaling | None = field(default_factory=RopeScaling)
+
+
+@dataclass(frozen=True)
+class CSMConfig:
+    backbone: TransformerConfig
+    decoder: TransformerConfig
+    text_vocab_size: int = 128_256
+    audio_vocab_size: int = 2051  # 2048 Mimi codes + 3 ids the codec cannot take
+    num_codebooks: int = 32
+    bos_token_id: int = 128_000
+    eos_token_id: int = 128_001
+
+    @property
+    def num_columns(self) -> int:
+        return self.num_codebooks + 1
+
+
+# Sesame's flavors (torchtune llama3_2 builds); max_seq_len of the decoder is the number of codebooks.
+FLAVORS: dict[str, dict] = {
+    "llama-1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, intermediate_size=8192),
+    "llama-100M": dict(dim=1024, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=128, intermediate_size=8192),
+}
+
+
+def csm_1b_config() -> CSMConfig:
+    return CSMConfig(
+        backbone=TransformerConfig(**FLAVORS["llama-1B"], max_seq_len=2048),
+        decoder=TransformerConfig(**FLAVORS["llama-100M"], max_seq_len=32),
+    )
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    # fp32 throughout, like torchtune and transformers, so positions map to the same angles.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    low_freq_wavelen = scaling.original_max_position / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 whatever the model dtype, as both references do.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values: [layers, slots, kv_heads, max_len, head_dim] each."""
+
+    def __init__(self, cfg: TransformerConfig, slots: int, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        shape = (cfg.n_layers, slots, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, kv_heads, T, head_dim] at positions [B, T] of `slots` [B]; return the
+        cache of those slots up to the furthest position written: [B, kv_heads, L, head_dim]."""
+        index = (slots[:, None], slice(None), positions)  # advanced indices put [B, T] first
+        self.k[layer][index] = k.transpose(1, 2)
+        self.v[layer][index] = v.transpose(1, 2)
+        length = int(positions.max()) + 1
+        return (
+            self.k[layer, :, :, :length].index_select(0, slots),
+            self.v[layer, :, :, :length].index_select(0, slots),
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, slots, positions):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = (q * cos + rotate_half(q) * sin).to(x.dtype)
+        k = (k * cos + rotate_half(k) * sin).to(x.dtype)
+        k, v = cache.update(layer, slots, positions, k, v)  # [B, Hkv, L, Dh]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer, slots, positions):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, slots, positions)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Llama blocks without token embedding or output head; returns the final-normed hidden states."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE tables in place; also needed after building the model on `meta`."""
+        device = self.norm.weight.device
+        if device.type == "meta":  # weights not loaded yet; reset_buffers() runs after loading
+            return
+        inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling).to(device)
+        angles = torch.outer(torch.arange(self.cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)  # [max_len, Dh], rotate-half layout
+        self.rope_cos = angles.cos()
+        self.rope_sin = angles.sin()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor):
+        """x [B, T, dim], positions [B, T] (absolute, per stream), slots [B] -> [B, T, dim]."""
+        if int(positions.max()) >= self.cfg.max_seq_len:
+            raise ContextTooLongError(
+                f"position {int(positions.max())} is past the model's {self.cfg.max_seq_len} positions"
+            )
+        cos = self.rope_cos[positions][:, None]  # [B, 1, T, Dh], fp32
+        sin = self.rope_sin[positions][:, None]
+        length = int(positions.max()) + 1
+        # Causal over absolute positions: a query sees every key at or before its own position.
+        # Keys past it (stale entries of an earlier, longer history) are masked out.
+        mask = torch.arange(length, device=x.device)[None, None, :] <= positions[:, :, None]
+        mask = mask[:, None]  # [B, 1, T, L]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, slots, positions)
+        return self.norm(x)
+
+
+class CSM(nn.Module):
+    def __init__(self, cfg: CSMConfig):
+        super().__init__()
+        self.cfg = cfg
+        bb, dec = cfg.backbone, cfg.decoder
+        self.text_embeddings = nn.Embedding(cfg.text_vocab_size, bb.dim)
+        # One table for all codebooks: codebook k, code c -> row k * audio_vocab_size + c.
+        self.audio_embeddings = nn.Embedding(cfg.audio_vocab_size * cfg.num_codebooks, bb.dim)
+        self.backbone = Transformer(bb)
+        self.codebook0_head = nn.Linear(bb.dim, cfg.audio_vocab_size, bias=False)
+        self.projection = nn.Linear(bb.dim, dec.dim, bias=False)
+        self.decoder = Transformer(dec)
+        # [in, out] layout: logits of codebook i = h @ audio_head[i - 1].
+        self.audio_head = nn.Parameter(torch.empty(cfg.num_codebooks - 1, dec.dim, cfg.audio_vocab_size))
+        self.register_buffer("codebook_offsets", torch.empty(cfg.num_codebooks, dtype=torch.long), persistent=False)
+        self.reset_buffers()
+        self.backbone_cache: KVCache | None = None
+        self.decoder_cache: KVCache | None = None
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (after loading weights into a `meta`-built model)."""
+        device = self.codebook0_head.weight.device
+        if device.type == "meta":
+            return
+        self.codebook_offsets = torch.arange(self.cfg.num_codebooks, device=device) * self.cfg.audio_vocab_size
+        self.backbone.reset_rope()
+        self.decoder.reset_rope()
+
+    def setup_caches(self, slots: int, max_batch: int | None = None) -> None:
+        """Allocate the backbone KV pool (`slots` sequences) and the per-frame depth-decoder cache."""
+        p = self.codebook0_head.weight
+        self.backbone_cache = KVCache(self.cfg.backbone, slots, p.dtype, p.device)
+        self.decoder_cache = KVCache(self.cfg.decoder, max_batch or slots, p.dtype, p.device)
+
+    def embed_rows(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens, mask [B, T, 33] -> [B, T, dim]: sum of the embeddings of the active columns."""
+        audio = self.audio_embeddings(tokens[..., :-1] + self.codebook_offsets)  # [B, T, 32, dim]
+        text = self.text_embeddings(tokens[..., -1])  # [B, T, dim]
+        m = mask.to(audio.dtype)
+        return (audio * m[..., :-1, None]).sum(2) + text * m[..., -1:]
+
+    def embed_frame(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, 32] -> one audio row per stream [B, 1, dim]."""
+        return self.audio_embeddings(codes + self.codebook_offsets).sum(1, keepdim=True)
+
+    def backbone_forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        assert self.backbone_cache is not None, "call setup_caches() first"
+        return self.backbone(x, positions, self.backbone_cache, slots)
+
+    def codebook0_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.codebook0_head(h)
+
+    def decoder_forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x [B, T, backbone dim] placed at depth positions start..start+T-1 -> [B, T, decoder dim].
+        Stream b uses decoder cache row b; each frame starts again at position 0."""
+        assert self.decoder_cache is not None, "call setup_caches() first"
+        B, T, _ = x.shape
+        positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+        slots = torch.arange(B, device=x.device)
+        return self.decoder(self.projection(x), positions, self.decoder_cache, slots)
+
+    def depth_logits(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        """Decoder output h [B, decoder dim] -> logits of codebook i (1..31) [B, audio vocab]."""
+        return h @ self.audio_head[i - 1]
+
+    def embed_code(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:
+        """codes [B] of one codebook -> [B, 1, backbone dim]."""
+        return self.audio_embeddings(codes + codebook * self.cfg.audio_vocab_size)[:, None]
