@@ -482,42 +482,12 @@ def make_test_checkpoint(
     mimi_cfg = MimiConfig.tiny()
     mimi_state = random_mimi_state_dict(mimi_cfg, seed + 1)
     if fmt == "hf":
-        config = {
-            "model_type": "csm",
-            "architectures": ["CsmForConditionalGeneration"],
-            **_transformer_to_hf(cfg.backbone),
-            "text_vocab_size": cfg.text_vocab_size,
-            "vocab_size": cfg.audio_vocab_size,
-            "num_codebooks": cfg.num_codebooks,
-            "bos_token_id": cfg.bos_token_id,
-            "pad_token_id": 128_002,
-            "audio_token_id": 128_002,
-            "audio_eos_token_id": 128_003,
-            "codebook_pad_token_id": 2050,
-            "codebook_eos_token_id": 0,
-            "tie_codebooks_embeddings": True,
-            "depth_decoder_config": {
-                "model_type": "csm_depth_decoder_model",
-                **_transformer_to_hf(cfg.decoder),
-                "num_codebooks": cfg.num_codebooks,
-                "backbone_hidden_size": cfg.backbone.dim,
-                "vocab_size": cfg.audio_vocab_size,
-            },
-            "codec_config": mimi_cfg.to_hf_dict(),
-        }
+        config = hf_config(cfg, mimi_cfg.to_hf_dict())
         weights.update({f"codec_model.{k}": v for k, v in mimi_state.items()})
         # transformers expects the tied copy of the audio table; harmless for us.
         weights["depth_decoder.model.embed_tokens.weight"] = weights["backbone_model.embed_tokens.embed_audio_tokens.weight"].clone()
     else:
-        config = {
-            "backbone": {**_sizes(cfg.backbone)},
-            "decoder": {**_sizes(cfg.decoder)},
-            "text_vocab_size": cfg.text_vocab_size,
-            "audio_vocab_size": cfg.audio_vocab_size,
-            "audio_num_codebooks": cfg.num_codebooks,
-            "mimi": "mimi.safetensors",
-            "mimi_config": mimi_cfg.to_hf_dict(),
-        }
+        config = {**sesame_config(cfg), "mimi": "mimi.safetensors", "mimi_config": mimi_cfg.to_hf_dict()}
         save_file({k: v.contiguous() for k, v in to_moshi_state_dict(mimi_state, mimi_cfg).items()}, out / "mimi.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors")
@@ -525,6 +495,44 @@ def make_test_checkpoint(
     return out
 
 
-def _sizes(t: TransformerConfig) -> dict:
-    d = asdict(t)
-    return {k: d[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "max_seq_len")}
+def hf_config(cfg: CSMConfig, codec_config: dict) -> dict:
+    """A transformers config.json for `cfg` (CsmConfig(**hf_config(...)) builds the same model)."""
+    return {
+        "model_type": "csm",
+        "architectures": ["CsmForConditionalGeneration"],
+        **_transformer_to_hf(cfg.backbone),
+        "text_vocab_size": cfg.text_vocab_size,
+        "vocab_size": cfg.audio_vocab_size,
+        "num_codebooks": cfg.num_codebooks,
+        "bos_token_id": cfg.bos_token_id,
+        "pad_token_id": 128_002,
+        "audio_token_id": 128_002,
+        "audio_eos_token_id": 128_003,
+        "codebook_pad_token_id": 2050,
+        "codebook_eos_token_id": 0,
+        "tie_codebooks_embeddings": True,
+        "depth_decoder_config": {
+            "model_type": "csm_depth_decoder_model",
+            **_transformer_to_hf(cfg.decoder),
+            "num_codebooks": cfg.num_codebooks,
+            "backbone_hidden_size": cfg.backbone.dim,
+            "vocab_size": cfg.audio_vocab_size,
+        },
+        "codec_config": codec_config,
+    }
+
+
+def sesame_config(cfg: CSMConfig) -> dict:
+    """A Sesame-format config.json with explicit sizes (the real one names flavors instead)."""
+
+    def sizes(t: TransformerConfig) -> dict:
+        d = asdict(t)
+        return {k: d[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "max_seq_len")}
+
+    return {
+        "backbone": sizes(cfg.backbone),
+        "decoder": sizes(cfg.decoder),
+        "text_vocab_size": cfg.text_vocab_size,
+        "audio_vocab_size": cfg.audio_vocab_size,
+        "audio_num_codebooks": cfg.num_codebooks,
+    }
