@@ -1,0 +1,990 @@
+"""Mimi neural audio codec (Kyutai): 24 kHz mono audio <-> 32 x 11-bit codes at 12.5 Hz.
+
+One self-contained, inference-only implementation (no transformers/moshi import):
+
+    audio [B,1,T] --SEANet encoder--> [B,512,T/960] (25 Hz) --transformer--> --stride-2 conv-->
+    latent [B,512,F] (12.5 Hz) --split RVQ--> codes [B,32,F]
+
+    codes --RVQ lookup + 1x1 proj--> [B,512,F] --stride-2 transposed conv--> [B,512,2F]
+    --transformer--> --SEANet decoder--> audio [B,1,F*1920]
+
+Everything is causal, so the decoder can stream: one 80 ms frame of codes in, exactly 1920
+samples out, with all history held in a `MimiDecodeState` (conv input tails, transposed-conv
+overlap tails, a sliding-window KV ring buffer). `decode` is literally `decode_step` on a fresh
+state, so streaming and whole-sequence decoding cannot drift apart.
+
+Weights load from either public layout (see `mimi_from_state_dict`):
+  * transformers (`kyutai/mimi` model.safetensors, or `codec_model.*` inside a CSM checkpoint);
+  * moshi (`tokenizer-e351c8d8-checkpoint125.safetensors`).
+Internally module names mirror the transformers file keys, except that q/k/v are fused into one
+`in_proj` (rotate-half RoPE order) and each RVQ group keeps its codebook vectors precomputed
+(`embed_sum / cluster_usage`) in one stacked `codebooks` buffer.
+
+Mimi always runs in fp32: its decoder transformer's residual stream is large enough that fp16
+loses audible precision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from csm_plugin.errors import CheckpointError
+
+SAMPLE_RATE = 24000
+FRAME_SIZE = 1920  # samples per 80 ms code frame
+NUM_CODEBOOKS = 32  # CSM uses all 32 (Moshi itself only 8)
+CODEBOOK_EPS = 1e-5  # clamp on cluster_usage; same value in moshi's and transformers' codebooks
+DEFAULT_REPO = "kyutai/mimi"
+_DECODE_CHUNK_FRAMES = 125  # whole-sequence decode works in 10 s chunks to bound activation memory
+
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class MimiConfig:
+    """Architecture hyper-parameters. Field names mirror transformers' `MimiConfig`."""
+
+    sampling_rate: int = 24000
+    frame_rate: float = 12.5
+    audio_channels: int = 1
+    # SEANet
+    hidden_size: int = 512
+    num_filters: int = 64
+    num_residual_layers: int = 1
+    upsampling_ratios: list[int] = field(default_factory=lambda: [8, 6, 5, 4])
+    kernel_size: int = 7
+    last_kernel_size: int = 3
+    residual_kernel_size: int = 3
+    dilation_growth_rate: int = 2
+    compress: int = 2
+    upsample_groups: int = 512
+    # quantizer
+    codebook_size: int = 2048
+    codebook_dim: int = 256
+    num_quantizers: int = 32
+    num_semantic_quantizers: int = 1
+    vector_quantization_hidden_dimension: int = 256
+    # transformers (encoder and decoder share the architecture)
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: int = 64
+    intermediate_size: int = 2048
+    sliding_window: int = 250
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8000
+    layer_scale_initial_scale: float = 0.01
+    norm_eps: float = 1e-5
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def hop_length(self) -> int:
+        """Audio samples per SEANet latent step (960 = 25 Hz for the real model)."""
+        return math.prod(self.upsampling_ratios)
+
+    @property
+    def latent_stride(self) -> int:
+        """SEANet steps per code frame (2: the learnt 25 Hz <-> 12.5 Hz resampling)."""
+        encodec_rate = math.ceil(self.sampling_rate / self.hop_length)
+        return int(encodec_rate / self.frame_rate)
+
+    @property
+    def frame_size(self) -> int:
+        return self.hop_length * self.latent_stride
+
+    # --- constructors --------------------------------------------------------------------------
+    @classmethod
+    def full(cls) -> MimiConfig:
+        """The released kyutai/mimi architecture, with all 32 codebooks (as CSM uses it)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> MimiConfig:
+        """Small widths/depths for fast CPU tests; keeps 24 kHz, 1920-sample frames and 32x2048 codes."""
+        return cls(
+            hidden_size=32,
+            num_filters=4,
+            upsample_groups=32,
+            codebook_dim=16,
+            vector_quantization_hidden_dimension=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=8,
+            intermediate_size=64,
+        )
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> MimiConfig:
+        """Build from a transformers Mimi `config.json` dict (or a CSM config's `codec_config`).
+
+        Unknown keys are ignored; settings this implementation does not support raise
+        `CheckpointError` rather than silently producing a different model.
+        """
+        if "codec_config" in d and isinstance(d["codec_config"], dict):
+            d = d["codec_config"]
+        unsupported = {
+            "use_causal_conv": True,
+            "pad_mode": "constant",
+            "trim_right_ratio": 1.0,
+            "use_conv_shortcut": False,
+            "attention_bias": False,
+            "hidden_act": "gelu",
+        }
+        bad = [f"{k}={d[k]!r}" for k, want in unsupported.items() if k in d and d[k] != want]
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            bad.append(f"rope_type={rope.get('rope_type', rope.get('type'))!r}")
+        if bad:
+            raise CheckpointError(f"unsupported Mimi config settings: {', '.join(bad)}")
+
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names and v is not None}
+        rope_theta = rope.get("rope_theta", d.get("rope_theta"))
+        if rope_theta is not None:
+            kw["rope_theta"] = float(rope_theta)
+        kw.pop("frame_rate", None)
+        kw["upsampling_ratios"] = list(kw.get("upsampling_ratios") or [8, 6, 5, 4])
+        hidden = int(kw.get("hidden_size", cls.hidden_size))
+        heads = int(kw.get("num_attention_heads", cls.num_attention_heads))
+        kw.setdefault("head_dim", hidden // heads)
+        kw.setdefault("codebook_dim", hidden)  # transformers' fallback when codebook_dim is null
+        kw.setdefault("num_key_value_heads", heads)
+        # transformers >= 5 derives the frame rate from the strides ("_frame_rate": null).
+        frame_rate = d.get("frame_rate", d.get("_frame_rate"))
+        cfg = cls(**kw)
+        if frame_rate is None:
+            frame_rate = cfg.sampling_rate / (cfg.hop_length * 2)
+        cfg.frame_rate = float(frame_rate)
+        cfg.validate()
+        return cfg
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A dict that `transformers.MimiConfig(**d)` accepts and that builds the same architecture."""
+        d = asdict(self)
+        d["upsampling_ratios"] = list(self.upsampling_ratios)
+        d.pop("rope_theta")
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d.update(
+            model_type="mimi",
+            use_causal_conv=True,
+            pad_mode="constant",
+            trim_right_ratio=1.0,
+            use_conv_shortcut=False,
+            attention_bias=False,
+            hidden_act="gelu",
+        )
+        return d
+
+    def validate(self) -> None:
+        problems = []
+        if self.latent_stride < 2:
+            problems.append(f"frame_rate {self.frame_rate} must be below the SEANet rate (no resampling layer)")
+        if self.num_semantic_quantizers >= self.num_quantizers:
+            problems.append("num_semantic_quantizers must be < num_quantizers")
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.head_dim % 2:
+            problems.append("head_dim must be even (RoPE)")
+        if problems:
+            raise CheckpointError("invalid Mimi config: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# streaming state
+
+
+@dataclass
+class MimiDecodeState:
+    """Everything the decoder remembers between `decode_step` calls, per batch entry (stream).
+
+    Streams are independent: row b of every tensor belongs to stream b only, so a server can
+    batch streams that started at different times. To restart stream b (new utterance), call
+    `state.reset_(mask)` with mask[b] = True, or create a fresh state with `Mimi.decode_state`.
+    All updates are in place, so tensor addresses stay fixed (CUDA-graph friendly).
+    """
+
+    conv_tails: list[Tensor]  # per causal conv: last (k_eff - 1) inputs, [B, C_in, k_eff - 1]
+    convtr_tails: list[Tensor]  # per transposed conv: overlap-add tail (no bias), [B, C_out, k - s]
+    k_cache: Tensor  # [L, B, KVH, W, D] ring buffer, slot = position % W
+    v_cache: Tensor  # [L, B, KVH, W, D]
+    kv_pos: Tensor  # [B, W] absolute position held in each ring slot, -1 = empty
+    pos: Tensor  # [B] next latent-step (25 Hz) position
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.shape[0]
+
+    def reset_(self, mask: Tensor | None = None) -> MimiDecodeState:
+        """Reset the streams where `mask` ([B] bool) is True (all streams if None), in place."""
+        if mask is None:
+            mask = torch.ones(self.batch_size, dtype=torch.bool, device=self.pos.device)
+        mask = mask.to(self.pos.device, torch.bool)
+        for t in [*self.conv_tails, *self.convtr_tails]:
+            t.masked_fill_(mask.view(-1, 1, 1), 0.0)
+        self.k_cache.masked_fill_(mask.view(1, -1, 1, 1, 1), 0.0)
+        self.v_cache.masked_fill_(mask.view(1, -1, 1, 1, 1), 0.0)
+        self.kv_pos.masked_fill_(mask.view(-1, 1), -1)
+        self.pos.masked_fill_(mask, 0)
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d padded on the left only; `.conv` keeps the checkpoint's weight names."""
+
+    def __init__(self, c_in, c_out, kernel_size, stride=1, dilation=1, groups=1, bias=True, pad_mode="constant"):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel_size, stride, dilation=dilation, groups=groups, bias=bias)
+        self.stride = stride
+        self.pad = (kernel_size - 1) * dilation + 1 - stride  # left context the conv needs
+        self.pad_mode = pad_mode
+        self.slot = -1  # index into MimiDecodeState.conv_tails (decoder convs only)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Offline: left-pad for causality, right-pad the last partial stride (zeros, or the edge
+        # value in replicate mode) exactly as moshi/transformers do, so codes match theirs.
+        extra = (-x.shape[-1]) % self.stride
+        if self.pad_mode == "replicate":
+            x = F.pad(x, (self.pad, extra), mode="replicate")
+        else:
+            x = F.pad(x, (self.pad, extra))
+        return self.conv(x)
+
+    def step(self, x: Tensor, state: MimiDecodeState) -> Tensor:
+        # Streaming (stride 1 in the decoder): prepend the remembered inputs instead of zeros.
+        if self.pad == 0:
+            return self.conv(x)
+        tail = state.conv_tails[self.slot]
+        x = torch.cat([tail, x], dim=-1)
+        tail.copy_(x[..., -self.pad :])
+        return self.conv(x)
+
+
+class CausalConvTranspose1d(nn.Module):
+    """ConvTranspose1d trimmed on the right, with the trimmed overlap carried to the next call.
+
+    A transposed conv spreads each input step over `kernel` outputs; the last (kernel - stride)
+    of them overlap the next step's outputs. Offline they are trimmed at the very end; streaming,
+    they are kept (without bias) and added to the head of the next chunk. Each call therefore emits
+    exactly stride * T_in samples, and the concatenation equals the offline result.
+    """
+
+    def __init__(self, c_in, c_out, kernel_size, stride, groups=1, bias=True):
+        super().__init__()
+        self.conv = nn.ConvTranspose1d(c_in, c_out, kernel_size, stride, groups=groups, bias=bias)
+        self.stride = stride
+        self.overlap = kernel_size - stride
+        self.slot = -1  # index into MimiDecodeState.convtr_tails
+
+    def step(self, x: Tensor, state: MimiDecodeState) -> Tensor:
+        c = self.conv
+        y = F.conv_transpose1d(x, c.weight, None, self.stride, groups=c.groups)  # [B, C, T*s + overlap]
+        n = x.shape[-1] * self.stride
+        tail = state.convtr_tails[self.slot]
+        y[..., : self.overlap] += tail
+        tail.copy_(y[..., n:])
+        y = y[..., :n]
+        if c.bias is not None:
+            y = y + c.bias[:, None]
+        return y
+
+
+class ResnetBlock(nn.Module):
+    """SEANet residual unit: x + conv1(elu(conv_k(elu(x)))); `block` indices match the checkpoint."""
+
+    def __init__(self, cfg: MimiConfig, dim: int, dilation: int):
+        super().__init__()
+        hidden = dim // cfg.compress
+        self.block = nn.ModuleList(
+            [
+                nn.ELU(),
+                CausalConv1d(dim, hidden, cfg.residual_kernel_size, dilation=dilation),
+                nn.ELU(),
+                CausalConv1d(hidden, dim, 1),
+            ]
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.block[3](F.elu(self.block[1](F.elu(x))))
+
+    def step(self, x: Tensor, state: MimiDecodeState) -> Tensor:
+        return x + self.block[3].step(F.elu(self.block[1].step(F.elu(x), state)), state)
+
+
+def _seanet_layout(cfg: MimiConfig, decoder: bool) -> list[str]:
+    """Layer kinds in checkpoint index order ('conv', 'convtr', 'res', 'elu')."""
+    kinds = ["conv"]
+    for _ in cfg.upsampling_ratios:
+        if decoder:
+            kinds += ["elu", "convtr"] + ["res"] * cfg.num_residual_layers
+        else:
+            kinds += ["res"] * cfg.num_residual_layers + ["elu", "conv"]
+    return kinds + ["elu", "conv"]
+
+
+class SEANetEncoder(nn.Module):
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        layers: list[nn.Module] = [CausalConv1d(cfg.audio_channels, cfg.num_filters, cfg.kernel_size)]
+        ch = cfg.num_filters
+        for ratio in reversed(cfg.upsampling_ratios):
+            layers += [ResnetBlock(cfg, ch, cfg.dilation_growth_rate**j) for j in range(cfg.num_residual_layers)]
+            layers += [nn.ELU(), CausalConv1d(ch, ch * 2, ratio * 2, stride=ratio)]
+            ch *= 2
+        layers += [nn.ELU(), CausalConv1d(ch, cfg.hidden_size, cfg.last_kernel_size)]
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C, T] -> [B, hidden, ceil(T / hop)]
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class SEANetDecoder(nn.Module):
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        ch = cfg.num_filters * 2 ** len(cfg.upsampling_ratios)
+        layers: list[nn.Module] = [CausalConv1d(cfg.hidden_size, ch, cfg.kernel_size)]
+        for ratio in cfg.upsampling_ratios:
+            layers += [nn.ELU(), CausalConvTranspose1d(ch, ch // 2, ratio * 2, stride=ratio)]
+            layers += [ResnetBlock(cfg, ch // 2, cfg.dilation_growth_rate**j) for j in range(cfg.num_residual_layers)]
+            ch //= 2
+        layers += [nn.ELU(), CausalConv1d(ch, cfg.audio_channels, cfg.last_kernel_size)]
+        self.layers = nn.ModuleList(layers)
+
+    def step(self, x: Tensor, state: MimiDecodeState) -> Tensor:  # [B, hidden, T] -> [B, C, T * hop]
+        for layer in self.layers:
+            x = F.elu(x) if isinstance(layer, nn.ELU) else layer.step(x, state)
+        return x
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), init))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.sliding_window
+        # q|k|v fused into one matmul; q/k rows in rotate-half order.
+        self.in_proj = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, cache: tuple | None) -> Tensor:
+        B, T, _ = x.shape
+        D = self.head_dim
+        q, k, v = self.in_proj(x).split([self.n_head * D, self.n_kv * D, self.n_kv * D], dim=-1)
+        q = q.view(B, T, self.n_head, D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.n_kv, D).transpose(1, 2)  # [B, KVH, T, D]
+        v = v.view(B, T, self.n_kv, D).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+
+        if cache is None:
+            keys, values, key_pos = k, v, pos
+        else:
+            k_cache, v_cache, kv_pos = cache  # [B, KVH, W, D] x2, [B, W]
+            keys = torch.cat([k_cache, k], dim=2)
+            values = torch.cat([v_cache, v], dim=2)
+            key_pos = torch.cat([kv_pos, pos], dim=1)
+            # Only the newest W steps can ever be attended again; write them into the ring.
+            W = k_cache.shape[2]
+            n = min(T, W)
+            slots = (pos[:, T - n :] % W)[:, None, :, None].expand(B, self.n_kv, n, D)
+            k_cache.scatter_(2, slots, k[:, :, T - n :])
+            v_cache.scatter_(2, slots, v[:, :, T - n :])
+
+        # Causal sliding window: a query at p sees keys at p - W < p' <= p (empty slots are -1).
+        delta = pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
+        mask = (delta >= 0) & (delta < self.window) & (key_pos[:, None, :] >= 0)
+        if self.n_kv != self.n_head:
+            keys = keys.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            values = values.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * D))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.self_attn_layer_scale = LayerScale(cfg.hidden_size, cfg.layer_scale_initial_scale)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.mlp_layer_scale = LayerScale(cfg.hidden_size, cfg.layer_scale_initial_scale)
+
+    def forward(self, x, cos, sin, pos, cache):
+        x = x + self.self_attn_layer_scale.scale * self.self_attn(self.input_layernorm(x), cos, sin, pos, cache)
+        return x + self.mlp_layer_scale.scale * self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+
+    def forward(self, x: Tensor, pos: Tensor, inv_freq: Tensor, state: MimiDecodeState | None = None) -> Tensor:
+        # x [B, T, C], pos [B, T] absolute latent positions (per stream)
+        freqs = pos[..., None].float() * inv_freq  # [B, T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, D]
+        cos, sin = emb.cos(), emb.sin()
+        for i, layer in enumerate(self.layers):
+            cache = None if state is None else (state.k_cache[i], state.v_cache[i], state.kv_pos)
+            x = layer(x, cos, sin, pos, cache)
+        if state is not None:
+            W = state.kv_pos.shape[1]
+            n = min(pos.shape[1], W)
+            state.kv_pos.scatter_(1, pos[:, -n:] % W, pos[:, -n:])
+        return x
+
+
+class ResidualVQ(nn.Module):
+    """One RVQ group: 1x1 projection into the codebook space, `n` residual codebooks, projection out."""
+
+    def __init__(self, cfg: MimiConfig, n: int):
+        super().__init__()
+        self.n = n
+        dim = cfg.vector_quantization_hidden_dimension
+        self.input_proj = nn.Conv1d(cfg.hidden_size, dim, 1, bias=False)
+        self.output_proj = nn.Conv1d(dim, cfg.hidden_size, 1, bias=False)
+        # embed_sum / cluster_usage, computed once at load: [n, codebook_size, codebook_dim]
+        self.register_buffer("codebooks", torch.zeros(n, cfg.codebook_size, cfg.codebook_dim))
+
+    def encode(self, x: Tensor) -> Tensor:  # [B, hidden, F] -> [B, n, F]
+        residual = self.input_proj(x).transpose(1, 2)  # [B, F, dim]
+        B, Fr, Dm = residual.shape
+        residual = residual.reshape(B * Fr, Dm)
+        codes = []
+        for cb in self.codebooks:
+            # torch.cdist like both references, so near-ties resolve the same way.
+            idx = torch.cdist(residual[None], cb[None], p=2)[0].argmin(dim=-1)
+            residual = residual - cb[idx]
+            codes.append(idx.view(B, Fr))
+        return torch.stack(codes, dim=1)
+
+    def decode(self, codes: Tensor) -> Tensor:  # [B, k, F] (k <= n) -> [B, hidden, F]
+        k = codes.shape[1]
+        N = self.codebooks.shape[1]
+        offsets = torch.arange(k, device=codes.device)[None, :, None] * N
+        vecs = F.embedding(codes + offsets, self.codebooks[:k].flatten(0, 1))  # [B, k, F, dim]
+        return self.output_proj(vecs.sum(dim=1).transpose(1, 2))
+
+
+class SplitRVQ(nn.Module):
+    """Semantic group (1 codebook) + acoustic group (31), each projecting the same latent."""
+
+    def __init__(self, cfg: MimiConfig):
+        super().__init__()
+        self.n_semantic = cfg.num_semantic_quantizers
+        self.semantic_residual_vector_quantizer = ResidualVQ(cfg, cfg.num_semantic_quantizers)
+        self.acoustic_residual_vector_quantizer = ResidualVQ(cfg, cfg.num_quantizers - cfg.num_semantic_quantizers)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.cat(
+            [self.semantic_residual_vector_quantizer.encode(x), self.acoustic_residual_vector_quantizer.encode(x)],
+            dim=1,
+        )
+
+    def decode(self, codes: Tensor) -> Tensor:
+        out = self.semantic_residual_vector_quantizer.decode(codes[:, : self.n_semantic])
+        if codes.shape[1] > self.n_semantic:
+            out = out + self.acoustic_residual_vector_quantizer.decode(codes[:, self.n_semantic :])
+        return out
+
+
+def _rope_inv_freq(cfg: MimiConfig) -> Tensor:
+    D = cfg.head_dim
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+class Mimi(nn.Module):
+    def __init__(self, config: MimiConfig):
+        super().__init__()
+        config.validate()
+        self.config = cfg = config
+        s = cfg.latent_stride
+        self.encoder = SEANetEncoder(cfg)
+        self.encoder_transformer = Transformer(cfg)
+        self.downsample = CausalConv1d(cfg.hidden_size, cfg.hidden_size, 2 * s, stride=s, bias=False, pad_mode="replicate")
+        self.quantizer = SplitRVQ(cfg)
+        self.upsample = CausalConvTranspose1d(
+            cfg.hidden_size, cfg.hidden_size, 2 * s, stride=s, groups=cfg.upsample_groups, bias=False
+        )
+        self.decoder_transformer = Transformer(cfg)
+        self.decoder = SEANetDecoder(cfg)
+        self.register_buffer("inv_freq", _rope_inv_freq(cfg), persistent=False)
+
+        # Number the decoder's stateful convs: their index into MimiDecodeState's tail lists.
+        self._convs = [m for m in self.decoder.modules() if isinstance(m, CausalConv1d) and m.pad > 0]
+        self._convtrs = [self.upsample] + [m for m in self.decoder.modules() if isinstance(m, CausalConvTranspose1d)]
+        for i, m in enumerate(self._convs):
+            m.slot = i
+        for i, m in enumerate(self._convtrs):
+            m.slot = i
+
+    @property
+    def device(self) -> torch.device:
+        return self.inv_freq.device
+
+    @torch.no_grad()
+    def encode(self, wav: Tensor) -> Tensor:
+        """[B, 1, T] float at 24 kHz -> codes [B, num_quantizers, ceil(T / 1920)] (int64).
+
+        A trailing partial frame is zero-padded inside each strided conv, exactly as moshi and
+        transformers do, so codes match theirs for any length.
+        """
+        if wav.dim() != 3 or wav.shape[1] != self.config.audio_channels:
+            raise ValueError(f"expected wav of shape [B, {self.config.audio_channels}, T], got {tuple(wav.shape)}")
+        if wav.shape[-1] == 0:
+            raise ValueError("cannot encode empty audio")
+        x = self.encoder(wav.to(self.device, torch.float32))  # [B, hidden, T/hop]
+        B, _, T = x.shape
+        pos = torch.arange(T, device=x.device).expand(B, T)
+        x = self.encoder_transformer(x.transpose(1, 2), pos, self.inv_freq).transpose(1, 2)
+        return self.quantizer.encode(self.downsample(x))
+
+    def decode_state(self, batch_size: int = 1) -> MimiDecodeState:
+        """A fresh (silent-history) streaming state for `batch_size` independent streams."""
+        cfg, dev, B = self.config, self.device, batch_size
+        W, L = cfg.sliding_window, cfg.num_hidden_layers
+        zeros = lambda *shape: torch.zeros(*shape, device=dev, dtype=torch.float32)  # noqa: E731
+        return MimiDecodeState(
+            conv_tails=[zeros(B, m.conv.in_channels, m.pad) for m in self._convs],
+            convtr_tails=[zeros(B, m.conv.out_channels, m.overlap) for m in self._convtrs],
+            k_cache=zeros(L, B, cfg.num_key_value_heads, W, cfg.head_dim),
+            v_cache=zeros(L, B, cfg.num_key_value_heads, W, cfg.head_dim),
+            kv_pos=torch.full((B, W), -1, dtype=torch.long, device=dev),
+            pos=torch.zeros(B, dtype=torch.long, device=dev),
+        )
+
+    @torch.no_grad()
+    def decode_step(self, codes: Tensor, state: MimiDecodeState) -> Tensor:
+        """Decode the next frames of each stream: codes [B, K, F] -> audio [B, 1, F * 1920].
+
+        Advances `state` in place. No look-ahead: the output for a frame never changes once
+        emitted, and any split of a sequence into calls yields the same samples as `decode`.
+        Codes outside 0..codebook_size-1 (CSM's special tokens 2048..2050) are clamped.
+        """
+        if codes.dim() != 3 or codes.shape[0] != state.batch_size:
+            raise ValueError(f"expected codes [B={state.batch_size}, K, F], got {tuple(codes.shape)}")
+        if not 1 <= codes.shape[1] <= self.config.num_quantizers:
+            raise ValueError(f"expected 1..{self.config.num_quantizers} codebooks, got {codes.shape[1]}")
+        codes = codes.to(self.device, torch.long).clamp(0, self.config.codebook_size - 1)
+        x = self.quantizer.decode(codes)  # [B, hidden, F]
+        x = self.upsample.step(x, state)  # [B, hidden, F * stride]
+        T = x.shape[-1]
+        pos = state.pos[:, None] + torch.arange(T, device=x.device)  # [B, T]
+        x = self.decoder_transformer(x.transpose(1, 2), pos, self.inv_freq, state).transpose(1, 2)
+        state.pos += T
+        return self.decoder.step(x, state)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        """Whole-sequence decode: codes [B, K, F] -> audio [B, 1, F * 1920]."""
+        state = self.decode_state(codes.shape[0])
+        if codes.shape[-1] == 0:
+            return torch.zeros(codes.shape[0], self.config.audio_channels, 0, device=self.device)
+        chunks = [self.decode_step(c, state) for c in codes.split(_DECODE_CHUNK_FRAMES, dim=-1)]
+        return torch.cat(chunks, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint layouts
+
+
+_IGNORABLE = re.compile(r"(^|\.)(_?initialized|rotary_emb\.inv_freq|_embedding)$")
+
+
+def _hf_shapes(cfg: MimiConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a transformers-layout Mimi checkpoint, with its shape."""
+    with torch.device("meta"):
+        model = Mimi(cfg)
+    out: dict[str, tuple[int, ...]] = {}
+    hd, hidden = cfg.head_dim, cfg.hidden_size
+    for name, t in model.state_dict().items():
+        if name.endswith("self_attn.in_proj.weight"):
+            p = name[: -len("in_proj.weight")]
+            out[p + "q_proj.weight"] = (cfg.num_attention_heads * hd, hidden)
+            out[p + "k_proj.weight"] = (cfg.num_key_value_heads * hd, hidden)
+            out[p + "v_proj.weight"] = (cfg.num_key_value_heads * hd, hidden)
+        elif name.endswith(".codebooks"):
+            p = name[: -len("codebooks")]
+            n, N, D = t.shape
+            for j in range(n):
+                out[f"{p}layers.{j}.codebook.embed_sum"] = (N, D)
+                out[f"{p}layers.{j}.codebook.cluster_usage"] = (N,)
+                out[f"{p}layers.{j}.codebook.initialized"] = (1,)
+        else:
+            out[name] = tuple(t.shape)
+    return out
+
+
+def _hf_to_moshi_name(name: str, cfg: MimiConfig) -> str:
+    """Rename one transformers key to moshi's (q/k/v handled by the caller)."""
+    m = re.match(r"(encoder|decoder)\.layers\.(\d+)\.(.*)$", name)
+    if m:
+        part, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+        kind = _seanet_layout(cfg, decoder=part == "decoder")[idx]
+        if kind == "res":
+            rest = re.sub(r"^block\.(\d+)\.conv\.", r"block.\1.conv.conv.", rest)
+        elif kind == "convtr":
+            rest = rest.replace("conv.", "convtr.convtr.", 1)
+        else:
+            rest = rest.replace("conv.", "conv.conv.", 1)
+        return f"{part}.model.{idx}.{rest}"
+    if name.startswith("downsample.conv."):
+        return name.replace("downsample.conv.", "downsample.conv.conv.conv.", 1)
+    if name.startswith("upsample.conv."):
+        return name.replace("upsample.conv.", "upsample.convtr.convtr.convtr.", 1)
+    m = re.match(r"(encoder|decoder)_transformer\.layers\.(\d+)\.(.*)$", name)
+    if m:
+        rest = {
+            "self_attn.o_proj.weight": "self_attn.out_proj.weight",
+            "input_layernorm.weight": "norm1.weight",
+            "input_layernorm.bias": "norm1.bias",
+            "post_attention_layernorm.weight": "norm2.weight",
+            "post_attention_layernorm.bias": "norm2.bias",
+            "mlp.fc1.weight": "linear1.weight",
+            "mlp.fc2.weight": "linear2.weight",
+            "self_attn_layer_scale.scale": "layer_scale_1.scale",
+            "mlp_layer_scale.scale": "layer_scale_2.scale",
+        }[m.group(3)]
+        return f"{m.group(1)}_transformer.transformer.layers.{m.group(2)}.{rest}"
+    m = re.match(r"quantizer\.(semantic|acoustic)_residual_vector_quantizer\.(.*)$", name)
+    if m:
+        group = "rvq_first" if m.group(1) == "semantic" else "rvq_rest"
+        rest = m.group(2)
+        cb = re.match(r"layers\.(\d+)\.codebook\.(embed_sum|cluster_usage|initialized)$", rest)
+        if cb:
+            leaf = {"embed_sum": "embedding_sum", "cluster_usage": "cluster_usage", "initialized": "_initialized"}
+            return f"quantizer.{group}.vq.layers.{cb.group(1)}._codebook.{leaf[cb.group(2)]}"
+        return f"quantizer.{group}.{rest}"
+    raise KeyError(name)
+
+
+def _interleaved_to_half(w: Tensor, n_heads: int) -> Tensor:
+    """Reorder q/k rows per head from moshi's interleaved RoPE pairs to rotate-half halves."""
+    out, inp = w.shape
+    return w.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def _half_to_interleaved(w: Tensor, n_heads: int) -> Tensor:
+    out, inp = w.shape
+    return w.reshape(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def _moshi_plan(cfg: MimiConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Expected moshi tensors with shapes, and the moshi -> transformers name map (in_proj -> prefix)."""
+    shapes, to_hf = {}, {}
+    for name, shape in _hf_shapes(cfg).items():
+        m = re.match(r"((?:encoder|decoder)_transformer)\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight$", name)
+        if m:
+            if m.group(3) == "q":
+                key = f"{m.group(1)}.transformer.layers.{m.group(2)}.self_attn.in_proj_weight"
+                rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+                shapes[key] = (rows, cfg.hidden_size)
+                to_hf[key] = name[: -len("q_proj.weight")]
+            continue
+        key = _hf_to_moshi_name(name, cfg)
+        shapes[key] = shape
+        to_hf[key] = name
+    return shapes, to_hf
+
+
+def _check_keys(sd: dict[str, Tensor], expected: dict[str, tuple[int, ...]], layout: str) -> None:
+    missing = [k for k in expected if k not in sd and not _IGNORABLE.search(k)]
+    unexpected = [k for k in sd if k not in expected and not _IGNORABLE.search(k)]
+    misshaped = [
+        f"{k} {tuple(sd[k].shape)} != {expected[k]}" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)):
+        if items:
+            more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
+            problems.append(f"{label}: {', '.join(sorted(items)[:10])}{more}")
+    if problems:
+        raise CheckpointError(f"Mimi checkpoint ({layout} layout) does not match the config: " + "; ".join(problems))
+
+
+def _is_moshi_layout(sd: dict[str, Tensor]) -> bool:
+    return any(k.startswith(("encoder.model.", "decoder.model.", "quantizer.rvq_")) or "in_proj_weight" in k for k in sd)
+
+
+def _moshi_to_hf(sd: dict[str, Tensor], cfg: MimiConfig) -> dict[str, Tensor]:
+    shapes, to_hf = _moshi_plan(cfg)
+    _check_keys(sd, shapes, "moshi")
+    hd = cfg.head_dim
+    out = {}
+    for key, t in sd.items():
+        if key not in to_hf:
+            continue  # an ignorable extra
+        if key.endswith("in_proj_weight"):
+            q, k, v = t.split([cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.num_key_value_heads * hd])
+            p = to_hf[key]
+            out[p + "q_proj.weight"] = _interleaved_to_half(q, cfg.num_attention_heads)
+            out[p + "k_proj.weight"] = _interleaved_to_half(k, cfg.num_key_value_heads)
+            out[p + "v_proj.weight"] = v
+        else:
+            out[to_hf[key]] = t
+    return out
+
+
+def to_moshi_state_dict(hf_state_dict: dict[str, Tensor], config: MimiConfig) -> dict[str, Tensor]:
+    """transformers layout -> moshi layout (fused in_proj, interleaved RoPE rows, moshi names)."""
+    out = {}
+    for name, t in hf_state_dict.items():
+        m = re.match(r"((?:encoder|decoder)_transformer)\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight$", name)
+        if m:
+            if m.group(3) == "q":
+                p = name[: -len("q_proj.weight")]
+                q = _half_to_interleaved(t, config.num_attention_heads)
+                k = _half_to_interleaved(hf_state_dict[p + "k_proj.weight"], config.num_key_value_heads)
+                v = hf_state_dict[p + "v_proj.weight"]
+                out[f"{m.group(1)}.transformer.layers.{m.group(2)}.self_attn.in_proj_weight"] = torch.cat([q, k, v])
+            continue
+        out[_hf_to_moshi_name(name, config)] = t
+    return out
+
+
+def mimi_from_state_dict(state_dict: dict[str, Tensor], config: MimiConfig) -> Mimi:
+    """Build a CPU fp32 `Mimi` from a transformers- or moshi-layout state dict (detected from keys).
+
+    Strict: missing, unexpected or misshaped tensors raise `CheckpointError` naming them
+    (`initialized` flags and unpersisted buffers are tolerated).
+    """
+    config.validate()
+    if _is_moshi_layout(state_dict):
+        sd = _moshi_to_hf(state_dict, config)
+    else:
+        _check_keys(state_dict, _hf_shapes(config), "transformers")
+        sd = state_dict
+    bad = [k for k, t in sd.items() if not t.is_floating_point()]
+    if bad:
+        raise CheckpointError(f"Mimi checkpoint tensors must be floating point: {', '.join(sorted(bad)[:10])}")
+
+    internal: dict[str, Tensor] = {}
+    for name, t in sd.items():
+        if _IGNORABLE.search(name):
+            continue
+        t = t.detach().to("cpu", torch.float32)
+        if name.endswith("q_proj.weight"):
+            p = name[: -len("q_proj.weight")]
+            kv = [sd[p + "k_proj.weight"], sd[p + "v_proj.weight"]]
+            internal[p + "in_proj.weight"] = torch.cat([t, *(x.to("cpu", torch.float32) for x in kv)])
+        elif name.endswith(("k_proj.weight", "v_proj.weight")):
+            continue
+        elif name.endswith("codebook.embed_sum"):
+            continue  # gathered per group below
+        elif name.endswith("codebook.cluster_usage"):
+            continue
+        else:
+            internal[name] = t
+    for group, n in (
+        ("semantic", config.num_semantic_quantizers),
+        ("acoustic", config.num_quantizers - config.num_semantic_quantizers),
+    ):
+        p = f"quantizer.{group}_residual_vector_quantizer."
+        vecs = []
+        for j in range(n):
+            embed_sum = sd[f"{p}layers.{j}.codebook.embed_sum"].to("cpu", torch.float32)
+            usage = sd[f"{p}layers.{j}.codebook.cluster_usage"].to("cpu", torch.float32)
+            vecs.append(embed_sum / usage.clamp(min=CODEBOOK_EPS)[:, None])
+        internal[p + "codebooks"] = torch.stack(vecs)
+
+    with torch.device("meta"):
+        model = Mimi(config)
+    model.load_state_dict(internal, strict=True, assign=True)
+    model.inv_freq = _rope_inv_freq(config)
+    return model.eval()
+
+
+def random_mimi_state_dict(config: MimiConfig, seed: int) -> dict[str, Tensor]:
+    """Random transformers-layout weights with audible, code-dependent output (for tests/benches)."""
+    g = torch.Generator().manual_seed(seed)
+    convtr_idx = {i for i, k in enumerate(_seanet_layout(config, decoder=True)) if k == "convtr"}
+    out: dict[str, Tensor] = {}
+
+    def randn(*shape: int, std: float) -> Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    for name, shape in sorted(_hf_shapes(config).items()):
+        m = re.match(r"decoder\.layers\.(\d+)\.conv\.weight$", name)
+        if name.endswith("codebook.embed_sum"):
+            t = randn(*shape, std=1.0)
+        elif name.endswith("codebook.cluster_usage"):
+            t = torch.rand(*shape, generator=g) * 1.5 + 0.5
+        elif name.endswith("codebook.initialized"):
+            t = torch.ones(shape)
+        elif name == "upsample.conv.weight" or (m and int(m.group(1)) in convtr_idx):
+            # transposed conv [C_in, C_out/groups, k]: each output sums (C_in/groups) * k/stride taps
+            groups = config.upsample_groups if name.startswith("upsample") else 1
+            fan = (shape[0] // groups) * shape[2] / (shape[2] // 2)
+            t = randn(*shape, std=1.0 / math.sqrt(fan))
+        elif name.endswith("conv.weight") or (name.endswith("proj.weight") and len(shape) == 3):
+            gain = 0.5 if ".block.3." in name else 1.0
+            t = randn(*shape, std=gain / math.sqrt(shape[1] * shape[2]))
+        elif name.endswith("conv.bias"):
+            t = randn(*shape, std=0.02)
+        elif name.endswith("layernorm.weight"):
+            t = 1.0 + randn(*shape, std=0.1)
+        elif name.endswith("layernorm.bias"):
+            t = randn(*shape, std=0.1)
+        elif name.endswith("layer_scale.scale"):
+            t = torch.rand(*shape, generator=g) * 0.2 + 0.05
+        elif len(shape) == 2:  # linear [out, in]
+            t = randn(*shape, std=1.0 / math.sqrt(shape[1]))
+        else:
+            raise AssertionError(f"no init rule for {name}")
+        out[name] = t.float().contiguous()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# loading from disk / the Hub
+
+
+def _read_safetensors(paths: list[Path], prefix: str = "") -> dict[str, Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for path in paths:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    out[key[len(prefix) :]] = f.get_tensor(key)
+    return out
+
+
+def _load_folder(folder: Path) -> tuple[MimiConfig, dict[str, Tensor]]:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; pass a Mimi folder, a .safetensors file or a hub repo id")
+    d = json.loads(cfg_path.read_text())
+    is_csm = d.get("model_type") == "csm" or "codec_config" in d
+    config = MimiConfig.from_hf_dict(d)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / s for s in shards]
+    else:
+        files = [folder / "model.safetensors"]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"Mimi weights not found: {', '.join(missing)}")
+    # A CSM checkpoint bundles Mimi under `codec_model.`
+    return config, _read_safetensors(files, prefix="codec_model." if is_csm else "")
+
+
+def _hub_download(repo_id: str, filename: str | None) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        if filename is not None:
+            return Path(hf_hub_download(repo_id, filename))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
+        )
+    except Exception as e:  # noqa: BLE001 - every hub failure becomes one actionable error
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        what = f"{repo_id}/{filename}" if filename else repo_id
+        raise CheckpointError(
+            f"could not get Mimi weights '{what}' from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            "Fix: check the repo id and network access"
+            + (", or unset HF_HUB_OFFLINE (it is set)" if offline else "")
+            + "; set HF_TOKEN for gated/private repos; or pass a local path "
+            "(a folder with config.json + model.safetensors, or moshi's tokenizer-*.safetensors file)."
+        ) from e
+
+
+def load_mimi(source: str | Path | None = None, *, device: str | torch.device = "cpu") -> Mimi:
+    """Load Mimi weights (fp32, eval mode) from a local path or the Hugging Face Hub.
+
+    `source` may be
+      * None: the `kyutai/mimi` hub repo;
+      * a local folder with config.json + model.safetensors (kyutai/mimi, or a transformers CSM
+        checkpoint, whose `codec_config` / `codec_model.*` are used);
+      * a local .safetensors file in either layout (architecture: `MimiConfig.full()`, or a
+        config.json next to it);
+      * a hub repo id ("kyutai/mimi") or a hub file ("owner/repo/path/file.safetensors", e.g.
+        "kyutai/moshiko-pytorch-bf16/tokenizer-e351c8d8-checkpoint125.safetensors").
+    Hub access honours HF_TOKEN, HF_HOME and HF_HUB_OFFLINE.
+    """
+    source = DEFAULT_REPO if source is None else source
+    path = Path(source).expanduser()
+    if not path.exists():
+        s = str(source)
+        if os.path.isabs(s) or s.startswith((".", "~")) or s.count("/") < 1:
+            raise CheckpointError(f"Mimi checkpoint path {s} does not exist")
+        parts = s.split("/")
+        if s.endswith(".safetensors") and len(parts) >= 3:
+            path = _hub_download("/".join(parts[:2]), "/".join(parts[2:]))
+        else:
+            path = _hub_download(s, None)
+
+    if path.is_dir():
+        config, sd = _load_folder(path)
+    else:
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: only .safetensors Mimi checkpoints are supported")
+        side = path.with_name("config.json")
+        config = MimiConfig.from_hf_dict(json.loads(side.read_text())) if side.is_file() else MimiConfig.full()
+        try:
+            sd = _read_safetensors([path])
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot read {path} as safetensors: {e}") from e
+        if any(k.startswith("codec_model.") for k in sd):
+            sd = {k[len("codec_model.") :]: v for k, v in sd.items() if k.startswith("codec_model.")}
+    return mimi_from_state_dict(sd, config).to(device)
+
+
+__all__ = [
+    "SAMPLE_RATE",
+    "FRAME_SIZE",
+    "NUM_CODEBOOKS",
+    "MimiConfig",
+    "MimiDecodeState",
+    "Mimi",
+    "mimi_from_state_dict",
+    "random_mimi_state_dict",
+    "to_moshi_state_dict",
+    "load_mimi",
+]
