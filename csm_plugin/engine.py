@@ -8,13 +8,18 @@ logits, which samples softmax(logits / T) restricted to the top k.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from .audio import resample_to_24k
 from .errors import ContextTooLongError, InputError
 from .models.csm import CSM
+from .models.loading import DEFAULT_MODEL, LoadedCheckpoint, load_checkpoint
+from .prompt import Segment, build_prompt
 
 FRAME_MS = 80
 FRAMES_PER_SECOND = 1000 / FRAME_MS
@@ -142,3 +147,62 @@ class Generator:
             if frame + 1 < limit:
                 h = self.feed_frames(slots, codes, torch.tensor([position]))
                 position += 1
+
+
+@dataclass(frozen=True)
+class AudioFrame:
+    """One generated 80 ms frame: its codes [32] and its 1920 samples (float32, 24 kHz)."""
+
+    codes: torch.Tensor
+    pcm: np.ndarray
+
+
+class Engine:
+    """A loaded model with its tokenizer and codec: encode context audio, speak frame by frame.
+
+    Synchronous and single-threaded; the service runs it on its one inference thread.
+    """
+
+    def __init__(self, checkpoint: LoadedCheckpoint, slots: int = 1):
+        self.checkpoint = checkpoint
+        self.tokenizer = checkpoint.tokenizer
+        self.codec = checkpoint.codec
+        self.generator = Generator(checkpoint.model, slots=slots)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        slots: int = 1,
+    ) -> "Engine":
+        return cls(load_checkpoint(model, device=device, dtype=parse_dtype(dtype)), slots=slots)
+
+    @torch.inference_mode()
+    def encode_audio(self, audio: np.ndarray, sample_rate: int) -> torch.Tensor:
+        """Mono audio at any rate -> Mimi codes [frames, 32] (on CPU)."""
+        wav = resample_to_24k(audio, sample_rate)
+        codes = self.codec.encode(torch.from_numpy(wav)[None, None])
+        return codes[0].T.cpu()
+
+    def synthesize(
+        self, context: list[Segment], speaker: int, text: str, sampling: Sampling = Sampling(), slot: int = 0
+    ) -> Iterator[AudioFrame]:
+        """Speak `text` as `speaker` after `context`: frames as soon as each is generated."""
+        tokens, mask = build_prompt(self.tokenizer, context, speaker, text)
+        state = self.codec.decode_state(1)
+        for codes in self.generator.generate(tokens, mask, text, sampling, slot=slot):
+            with torch.inference_mode():
+                pcm = self.codec.decode_step(codes[None, :, None], state)
+            yield AudioFrame(codes, pcm[0, 0].float().cpu().numpy())
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise InputError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]

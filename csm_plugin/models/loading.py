@@ -240,8 +240,9 @@ for _internal, (_hf, _ses) in _LAYER_NAMES.items():
     _HF_RULES.append((rf"^depth_decoder\.model\.layers\.(\d+)\.{re.escape(_hf)}$", rf"decoder.layers.\1.{_internal}"))
     _SESAME_RULES.append((rf"^(backbone|decoder)\.layers\.(\d+)\.{re.escape(_ses)}$", rf"\1.layers.\2.{_internal}"))
 
-# Present in transformers files, not needed here: the depth decoder's tied copy of the audio table.
-_HF_IGNORED = {"depth_decoder.model.embed_tokens.weight"}
+_HF_AUDIO_TABLE = "backbone_model.embed_tokens.embed_audio_tokens.weight"
+# The depth decoder's tied copy of the audio table (used by transformers only when fed ids).
+_HF_TIED_AUDIO_TABLE = "depth_decoder.model.embed_tokens.weight"
 
 
 def _rename(keys, rules) -> tuple[dict[str, str], list[str]]:
@@ -279,7 +280,10 @@ def _qk_heads(cfg: CSMConfig, internal_key: str) -> int | None:
 def to_internal(state: dict[str, torch.Tensor], fmt: Format, cfg: CSMConfig) -> dict[str, torch.Tensor]:
     """The file's tensors (without codec_model.*) under csm.py's names, checked against the config.
     Raises CheckpointError naming every missing, unexpected or misshaped tensor."""
-    keys = [k for k in state if not (fmt == "hf" and k in _HF_IGNORED)]
+    if fmt == "hf" and _HF_AUDIO_TABLE not in state and _HF_TIED_AUDIO_TABLE in state:
+        # transformers' save_pretrained keeps one of two tied tensors, not always the backbone's.
+        state = {**state, _HF_AUDIO_TABLE: state[_HF_TIED_AUDIO_TABLE]}
+    keys = [k for k in state if not (fmt == "hf" and k == _HF_TIED_AUDIO_TABLE)]
     mapping, unexpected = _rename(keys, _HF_RULES if fmt == "hf" else _SESAME_RULES)
     expected = _expected_shapes(cfg)
     missing = sorted(set(expected) - set(mapping))

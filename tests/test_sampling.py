@@ -1,0 +1,88 @@
+"""Frame sampling and the generation loop's stopping rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from csm_plugin.engine import Generator, Sampling, frame_gumbel_noise, max_frames_for_text, sample_topk
+from csm_plugin.errors import ContextTooLongError, InputError
+from csm_plugin.models.loading import load_checkpoint
+from csm_plugin.prompt import build_prompt
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_checkpoint):
+    return load_checkpoint(hf_checkpoint)
+
+
+def test_topk_sampling_follows_the_softmax_of_the_top_k():
+    logits = torch.tensor([[4.0, 3.0, 2.5, 2.0, 1.0, 0.5, -1.0, 3.5]])
+    temperature, k, n = 0.9, 4, 4000
+    draws = torch.stack(
+        [sample_topk(logits, temperature, k, frame_gumbel_noise(7, i, 1, 8, "cpu")) for i in range(n)]
+    ).flatten()
+    top = torch.topk(logits[0], k).indices
+    assert set(draws.tolist()) == set(top.tolist())  # every top-k id appears, nothing else does
+    p = torch.softmax(logits[0, top] / temperature, -1)
+    freq = torch.stack([(draws == t).float().mean() for t in top])
+    assert torch.allclose(freq, p, atol=0.03)
+
+
+def test_top_k_one_is_greedy_whatever_the_noise():
+    logits = torch.randn(3, 50)
+    noise = frame_gumbel_noise(1, 0, 3, 50, "cpu")
+    assert torch.equal(sample_topk(logits, 0.9, 1, noise), logits.argmax(-1))
+
+
+def test_noise_depends_only_on_seed_and_frame():
+    a = frame_gumbel_noise(5, 3, 32, 2051, "cpu")
+    assert torch.equal(a, frame_gumbel_noise(5, 3, 32, 2051, "cpu"))
+    assert not torch.equal(a, frame_gumbel_noise(5, 4, 32, 2051, "cpu"))
+    assert not torch.equal(a, frame_gumbel_noise(6, 3, 32, 2051, "cpu"))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(temperature=0), dict(temperature=-1.0), dict(top_k=0), dict(top_k=2.5), dict(seed="x"), dict(max_audio_ms=10)]
+)
+def test_bad_sampling_settings(kwargs):
+    with pytest.raises(InputError):
+        Sampling(**kwargs)
+
+
+def test_seed_gives_repeatable_codes(loaded):
+    tokens, mask = build_prompt(loaded.tokenizer, [], 0, "Hello there.")
+    gen = Generator(loaded.model)
+
+    def run(seed):
+        return torch.stack(list(gen.generate(tokens, mask, "Hello there.", Sampling(seed=seed, max_audio_ms=800))))
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_stops_at_length_cap_and_on_the_all_zero_frame(loaded):
+    tokens, mask = build_prompt(loaded.tokenizer, [], 0, "Hello there.")
+    assert len(list(Generator(loaded.model).generate(tokens, mask, "x", Sampling(max_audio_ms=400)))) == 5
+    # the default cap follows the text length
+    assert max_frames_for_text("a" * 80) > max_frames_for_text("a" * 8) >= 25
+
+    class StopsAtFrame3(Generator):
+        frame = 0
+
+        def sample_frames(self, h, noise, temperature, top_k):
+            codes = super().sample_frames(h, noise, temperature, top_k)
+            self.frame += 1
+            return codes * 0 if self.frame == 4 else codes
+
+    frames = list(StopsAtFrame3(loaded.model).generate(tokens, mask, "Hello there.", Sampling()))
+    assert len(frames) == 3  # the end-of-audio frame itself is not emitted
+
+
+def test_prompt_longer_than_the_model_is_refused(loaded):
+    text = "word " * 2100
+    tokens, mask = build_prompt(loaded.tokenizer, [], 0, text)
+    assert tokens.shape[0] > loaded.config.backbone.max_seq_len
+    with pytest.raises(ContextTooLongError):
+        next(Generator(loaded.model).generate(tokens, mask, text, Sampling()))
