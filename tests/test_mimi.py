@@ -162,6 +162,21 @@ def test_fewer_codebooks_matches_transformers(mimi, ref):
     assert _rel(mimi.decode(codes), expected) < 1e-4
 
 
+def test_full_size_matches_transformers(tmp_path):
+    cfg = MimiConfig.full()
+    sd = random_mimi_state_dict(cfg, seed=2)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    ref_full = transformers.MimiModel.from_pretrained(str(tmp_path)).eval()
+    ours = mimi_from_state_dict(sd, cfg)
+    wav = _wav(1, FRAME_SIZE * 8 + 5, seed=14)
+    codes = ours.encode(wav)
+    with torch.no_grad():
+        assert torch.equal(codes, ref_full.encode(wav).audio_codes)
+        expected = ref_full.decode(codes).audio_values
+    assert _rel(ours.decode(codes), expected) < 1e-4
+
+
 # --- streaming decode ----------------------------------------------------------------------------
 
 
