@@ -549,6 +549,15 @@ def _rope_inv_freq(cfg: MimiConfig) -> Tensor:
 
 
 class Mimi(nn.Module):
+    """Mimi codec, fp32, inference only. Build with `load_mimi` / `mimi_from_state_dict`.
+
+        codes = mimi.encode(wav)                 # [B, 1, T] -> [B, 32, ceil(T / 1920)]
+        audio = mimi.decode(codes)               # [B, K, F] -> [B, 1, F * 1920]
+        state = mimi.decode_state(batch_size=B)  # streaming: per-stream history
+        chunk = mimi.decode_step(codes[..., i:i+1], state)  # -> [B, 1, 1920], advances state
+        state.reset_(mask)                       # restart the streams where mask is True
+    """
+
     def __init__(self, config: MimiConfig):
         super().__init__()
         config.validate()
