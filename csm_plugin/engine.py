@@ -7,19 +7,26 @@ logits, which samples softmax(logits / T) restricted to the top k.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .audio import resample_to_24k
-from .errors import ContextTooLongError, InputError
+from .errors import ContextTooLongError, EngineError, InputError, WorkerCrashedError
 from .models.csm import CSM
 from .models.loading import DEFAULT_MODEL, LoadedCheckpoint, load_checkpoint
-from .prompt import Segment, build_prompt
+from .prompt import Segment, audio_rows, segment_rows, text_rows
+
+log = logging.getLogger(__name__)
 
 FRAME_MS = 80
 FRAMES_PER_SECOND = 1000 / FRAME_MS
@@ -157,17 +164,60 @@ class AudioFrame:
     pcm: np.ndarray
 
 
-class Engine:
-    """A loaded model with its tokenizer and codec: encode context audio, speak frame by frame.
+@dataclass
+class CachedSegment:
+    key: Hashable  # the caller's identity for this segment; equal keys mean equal rows
+    start: int
+    rows: int
 
-    Synchronous and single-threaded; the service runs it on its one inference thread.
-    """
+
+@dataclass
+class Slot:
+    """What one backbone cache slot holds: a prefix of some conversation's context."""
+
+    owner: Hashable | None = None
+    segments: list[CachedSegment] = field(default_factory=list)
+    streaming: bool = False  # a stream is generating into it: not evictable
+
+    @property
+    def end(self) -> int:
+        return self.segments[-1].start + self.segments[-1].rows if self.segments else 0
+
+
+@dataclass
+class Stream:
+    """One utterance being generated into a slot. Frames are fed back into the cache lazily, just
+    before the next one is sampled, so a cancelled stream never feeds frames nobody heard."""
+
+    slot: int
+    text: str
+    sampling: Sampling
+    text_start: int  # position of the utterance's first text row
+    h: torch.Tensor  # backbone hidden state that predicts the next frame, [1, dim]
+    limit: int
+    codec_state: object
+    text_rows: int
+    codes: list[torch.Tensor] = field(default_factory=list)
+    fed: int = 0
+    done: bool = False
+
+    @property
+    def frames_start(self) -> int:
+        return self.text_start + self.text_rows
+
+
+class Engine:
+    """A loaded model with its tokenizer and codec, and a pool of cache slots that hold
+    conversations' context prefixes. Synchronous and single-threaded: the service's inference
+    worker owns it; nothing here knows about asyncio."""
 
     def __init__(self, checkpoint: LoadedCheckpoint, slots: int = 1):
         self.checkpoint = checkpoint
         self.tokenizer = checkpoint.tokenizer
         self.codec = checkpoint.codec
         self.generator = Generator(checkpoint.model, slots=slots)
+        self.slots = [Slot() for _ in range(slots)]
+        self._lru: OrderedDict[Hashable, int] = OrderedDict()
 
     @classmethod
     def load(
@@ -180,6 +230,10 @@ class Engine:
     ) -> "Engine":
         return cls(load_checkpoint(model, device=device, dtype=parse_dtype(dtype)), slots=slots)
 
+    @property
+    def max_positions(self) -> int:
+        return self.generator.max_positions
+
     @torch.inference_mode()
     def encode_audio(self, audio: np.ndarray, sample_rate: int) -> torch.Tensor:
         """Mono audio at any rate -> Mimi codes [frames, 32] (on CPU)."""
@@ -187,16 +241,137 @@ class Engine:
         codes = self.codec.encode(torch.from_numpy(wav)[None, None])
         return codes[0].T.cpu()
 
+    # --- slots ---------------------------------------------------------------------------
+
+    def slot_for(self, owner: Hashable) -> int:
+        """The slot `owner` holds, or a free one, or the least recently used one (evicted)."""
+        if owner in self._lru:
+            self._lru.move_to_end(owner)
+            return self._lru[owner]
+        if len(self._lru) < len(self.slots):
+            index = next(i for i, s in enumerate(self.slots) if s.owner is None)
+        else:
+            evicted = next((o for o, i in self._lru.items() if not self.slots[i].streaming), None)
+            if evicted is None:
+                raise EngineError(f"all {len(self.slots)} cache slots are generating; allow more cached conversations")
+            index = self._lru.pop(evicted)
+            log.debug("evicting the cache of %s", evicted)
+        self.slots[index] = Slot(owner)
+        self._lru[owner] = index
+        return index
+
+    def release(self, owner: Hashable) -> None:
+        index = self._lru.pop(owner, None)
+        if index is not None:
+            self.slots[index] = Slot()
+
+    def cached_keys(self, owner: Hashable) -> list[Hashable]:
+        index = self._lru.get(owner)
+        return [] if index is None else [s.key for s in self.slots[index].segments]
+
+    def truncate(self, slot: int, position: int) -> None:
+        """Forget everything at or after `position`: O(1), later writes overwrite the cache."""
+        s = self.slots[slot]
+        s.segments = [c for c in s.segments if c.start + c.rows <= position]
+
+    def prefill_context(self, owner: Hashable, context: list[tuple[Hashable, Segment]]) -> int:
+        """Make `owner`'s slot hold exactly `context` (keyed segments); only rows after the longest
+        cached common prefix are computed. Returns the slot."""
+        slot = self.slot_for(owner)
+        cached = self.slots[slot].segments
+        keep = 0
+        while keep < min(len(cached), len(context)) and cached[keep].key == context[keep][0]:
+            keep += 1
+        del cached[keep:]
+        position = self.slots[slot].end
+        parts = [(key, segment_rows(self.tokenizer, seg)) for key, seg in context[keep:]]
+        if parts:
+            tokens = torch.cat([rows[0] for _, rows in parts])
+            mask = torch.cat([rows[1] for _, rows in parts])
+            try:
+                self.generator.prefill(slot, tokens, mask, start=position)
+            except Exception:
+                self.truncate(slot, position)
+                raise
+            for key, (rows, _) in parts:
+                cached.append(CachedSegment(key, position, rows.shape[0]))
+                position += rows.shape[0]
+        return slot
+
+    # --- generation ----------------------------------------------------------------------
+
+    def start(
+        self, owner: Hashable, context: list[tuple[Hashable, Segment]], speaker: int, text: str, sampling: Sampling
+    ) -> Stream:
+        """Prefill the context (what is not cached yet) and the utterance's text rows."""
+        slot = self.prefill_context(owner, context)
+        start = self.slots[slot].end
+        tokens, mask = text_rows(self.tokenizer.encode_segment_text(speaker, text))
+        # Room for at least one frame and the end-of-audio row that closes the segment later.
+        limit = min(max_frames_for_text(text, sampling.max_audio_ms), self.max_positions - start - tokens.shape[0] - 1)
+        if limit < 1:
+            raise ContextTooLongError(f"the context ({start} rows) and the text leave no room for audio")
+        h = self.generator.prefill(slot, tokens, mask, start=start)[None]
+        self.slots[slot].streaming = True
+        return Stream(slot, text, sampling, start, h, limit, self.codec.decode_state(1), tokens.shape[0])
+
+    @torch.inference_mode()
+    def step(self, stream: Stream) -> AudioFrame | None:
+        """Generate and decode the stream's next frame; None (and done) at the end of the audio."""
+        g = self.generator
+        if stream.fed < len(stream.codes):
+            position = torch.tensor([stream.frames_start + stream.fed])
+            stream.h = g.feed_frames(torch.tensor([stream.slot]), stream.codes[-1][None], position)
+            stream.fed += 1
+        frame = len(stream.codes)
+        codes = g.sample_frames(stream.h, g.frame_noise(stream.sampling.seed, frame)[None], stream.sampling.temperature, stream.sampling.top_k)
+        if not codes.any():
+            stream.done = True
+            return None
+        codes = codes[0].cpu()
+        stream.codes.append(codes)
+        stream.done = len(stream.codes) >= stream.limit
+        pcm = self.codec.decode_step(codes[None, :, None], stream.codec_state)
+        return AudioFrame(codes, pcm[0, 0].float().cpu().numpy())
+
+    def finish(self, stream: Stream, key: Hashable | None, segment: Segment | None) -> None:
+        """Close a stream: the cache keeps `segment` (the utterance as the listener heard it: its
+        first frames, perhaps fewer words) under `key`, or nothing if segment is None."""
+        stream.done = True
+        slot = self.slots[stream.slot]
+        slot.streaming = False
+        if slot.end != stream.text_start:  # released meanwhile: the next prefill redoes it
+            return
+        if segment is None:
+            self.truncate(stream.slot, stream.text_start)
+            return
+        frames = 0 if segment.codes is None else segment.codes.shape[0]
+        fed = min(stream.fed, frames)
+        if frames and segment.text == stream.text and all(torch.equal(segment.codes[i], stream.codes[i]) for i in range(fed)):
+            # The text rows and the first frames are in the cache already: add the rest.
+            tokens, mask = audio_rows(segment.codes[fed:])
+            start = stream.frames_start + fed
+        else:
+            tokens, mask = segment_rows(self.tokenizer, segment)
+            start = stream.text_start
+        self.generator.prefill(stream.slot, tokens, mask, start=start)
+        rows = start + tokens.shape[0] - stream.text_start
+        slot.segments.append(CachedSegment(key, stream.text_start, rows))
+
     def synthesize(
-        self, context: list[Segment], speaker: int, text: str, sampling: Sampling = Sampling(), slot: int = 0
+        self, context: list[Segment], speaker: int, text: str, sampling: Sampling = Sampling()
     ) -> Iterator[AudioFrame]:
-        """Speak `text` as `speaker` after `context`: frames as soon as each is generated."""
-        tokens, mask = build_prompt(self.tokenizer, context, speaker, text)
-        state = self.codec.decode_state(1)
-        for codes in self.generator.generate(tokens, mask, text, sampling, slot=slot):
-            with torch.inference_mode():
-                pcm = self.codec.decode_step(codes[None, :, None], state)
-            yield AudioFrame(codes, pcm[0, 0].float().cpu().numpy())
+        """Speak `text` as `speaker` after `context`, frames as soon as each exists; no caching
+        across calls (the service does that)."""
+        owner = object()
+        stream = self.start(owner, [(object(), s) for s in context], speaker, text, sampling)
+        try:
+            while not stream.done:
+                frame = self.step(stream)
+                if frame is not None:
+                    yield frame
+        finally:
+            self.release(owner)
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -206,3 +381,105 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in names:
         raise InputError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
     return names[dtype]
+
+
+class InferenceWorker:
+    """The one thread that owns the Engine. Jobs (prefill, encode, start/finish a stream) run
+    between frames; active streams advance one frame each per round, so many conversations share
+    the model fairly. Results go back through callbacks, which must be thread-safe."""
+
+    def __init__(self, engine_factory: Callable[[], Engine], name: str = "csm-inference"):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[int, tuple[Stream, Callable]] = {}
+        self._crash: BaseException | None = None
+        self._stopping = False
+        self.engine: Engine | None = None
+        self.ready: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(engine_factory,), name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        """Run fn(engine, *args) on the worker between frames."""
+        future: Future = Future()
+        if self._crash is not None or self._stopping:
+            future.set_exception(WorkerCrashedError(f"the inference worker is not running ({self._crash or 'stopped'})"))
+            return future
+        self._jobs.put((fn, args, future))
+        return future
+
+    def add_stream(self, stream: Stream, on_frame: Callable[[AudioFrame | None | BaseException], None]) -> None:
+        """Worker-side only (call from a submitted job): on_frame gets each frame, then None at
+        the end, or an exception."""
+        self._streams[id(stream)] = (stream, on_frame)
+
+    def remove_stream(self, stream: Stream) -> None:
+        self._streams.pop(id(stream), None)
+
+    def stop(self, timeout: float | None = 10) -> None:
+        self._stopping = True
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._crash is None
+
+    def _run(self, engine_factory) -> None:
+        try:
+            self.engine = engine_factory()
+        except BaseException as e:  # noqa: BLE001 - reported through the future
+            self._crash = e
+            self.ready.set_exception(e)
+            return
+        self.ready.set_result(self.engine)
+        try:
+            while True:
+                if not self._run_jobs(block=not self._streams):
+                    break
+                for key, (stream, on_frame) in list(self._streams.items()):
+                    if key not in self._streams:
+                        continue
+                    try:
+                        frame = self.engine.step(stream)
+                    except Exception as e:  # noqa: BLE001 - the stream fails, the worker goes on
+                        log.exception("generation failed")
+                        self._streams.pop(key, None)
+                        on_frame(EngineError(f"generation failed: {e}"))
+                        continue
+                    if frame is not None:
+                        on_frame(frame)
+                    if stream.done:
+                        self._streams.pop(key, None)
+                        on_frame(None)
+        except BaseException as e:  # noqa: BLE001
+            log.exception("the inference worker crashed")
+            self._crash = e
+        finally:
+            error = WorkerCrashedError(f"the inference worker stopped ({self._crash or 'closed'})")
+            for stream, on_frame in self._streams.values():
+                on_frame(error)
+            self._streams.clear()
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job[2].set_exception(error)
+
+    def _run_jobs(self, block: bool) -> bool:
+        """Run queued jobs; False when asked to stop."""
+        while True:
+            try:
+                job = self._jobs.get(block=block)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            fn, args, future = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.engine, *args))
+                except BaseException as e:  # noqa: BLE001 - the caller gets it
+                    future.set_exception(e)
+            block = False

@@ -19,3 +19,15 @@ class InputError(CSMError, ValueError):
 
 class ContextTooLongError(CSMError, ValueError):
     """The prompt does not fit in the model's position budget."""
+
+
+class EngineError(CSMError, RuntimeError):
+    """Generation failed inside the inference worker, or the worker is not running."""
+
+
+class WorkerCrashedError(EngineError):
+    """The inference worker thread died or was stopped; the service must be restarted."""
+
+
+class ConversationBusyError(CSMError, RuntimeError):
+    """A conversation already has a reply in progress (one `speak` at a time per conversation)."""
