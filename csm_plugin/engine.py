@@ -164,6 +164,10 @@ class AudioFrame:
     pcm: np.ndarray
 
 
+class SlotsBusyError(EngineError):
+    """Every cache slot has a reply in progress."""
+
+
 @dataclass
 class CachedSegment:
     key: Hashable  # the caller's identity for this segment; equal keys mean equal rows
@@ -253,7 +257,7 @@ class Engine:
         else:
             evicted = next((o for o, i in self._lru.items() if not self.slots[i].streaming), None)
             if evicted is None:
-                raise EngineError(f"all {len(self.slots)} cache slots are generating; allow more cached conversations")
+                raise SlotsBusyError(f"all {len(self.slots)} cache slots are generating; allow more cached conversations")
             index = self._lru.pop(evicted)
             log.debug("evicting the cache of %s", evicted)
         self.slots[index] = Slot(owner)
@@ -391,6 +395,7 @@ class InferenceWorker:
     def __init__(self, engine_factory: Callable[[], Engine], name: str = "csm-inference"):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, tuple[Stream, Callable]] = {}
+        self._parked: list[tuple[Callable, tuple, Future]] = []
         self._crash: BaseException | None = None
         self._stopping = False
         self.engine: Engine | None = None
@@ -398,13 +403,14 @@ class InferenceWorker:
         self._thread = threading.Thread(target=self._run, args=(engine_factory,), name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable, *args) -> Future:
-        """Run fn(engine, *args) on the worker between frames."""
+    def submit(self, fn: Callable, *args, wait_for_slot: bool = False) -> Future:
+        """Run fn(engine, *args) on the worker between frames. With wait_for_slot, a job that
+        finds every cache slot generating waits until a reply ends instead of failing."""
         future: Future = Future()
         if self._crash is not None or self._stopping:
             future.set_exception(WorkerCrashedError(f"the inference worker is not running ({self._crash or 'stopped'})"))
             return future
-        self._jobs.put((fn, args, future))
+        self._jobs.put((fn, args, future, wait_for_slot))
         return future
 
     def add_stream(self, stream: Stream, on_frame: Callable[[AudioFrame | None | BaseException], None]) -> None:
@@ -434,7 +440,8 @@ class InferenceWorker:
         self.ready.set_result(self.engine)
         try:
             while True:
-                if not self._run_jobs(block=not self._streams):
+                self._retry_parked()
+                if not self._run_jobs(block=not self._streams and not self._parked):
                     break
                 for key, (stream, on_frame) in list(self._streams.items()):
                     if key not in self._streams:
@@ -459,6 +466,9 @@ class InferenceWorker:
             for stream, on_frame in self._streams.values():
                 on_frame(error)
             self._streams.clear()
+            for _, _, future in self._parked:
+                future.set_exception(error)
+            self._parked.clear()
             while True:
                 try:
                     job = self._jobs.get_nowait()
@@ -466,6 +476,17 @@ class InferenceWorker:
                     break
                 if job is not None:
                     job[2].set_exception(error)
+
+    def _retry_parked(self) -> None:
+        while self._parked and not all(slot.streaming for slot in self.engine.slots):
+            fn, args, future = self._parked.pop(0)
+            try:
+                future.set_result(fn(self.engine, *args))
+            except SlotsBusyError:
+                self._parked.insert(0, (fn, args, future))
+                return
+            except BaseException as e:  # noqa: BLE001 - the caller gets it
+                future.set_exception(e)
 
     def _run_jobs(self, block: bool) -> bool:
         """Run queued jobs; False when asked to stop."""
@@ -476,10 +497,15 @@ class InferenceWorker:
                 return True
             if job is None:
                 return False
-            fn, args, future = job
+            fn, args, future, wait_for_slot = job
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn(self.engine, *args))
+                except SlotsBusyError as e:
+                    if not wait_for_slot:
+                        future.set_exception(e)
+                    else:  # run it again once a slot is free; set_running_or_notify_cancel is once only
+                        self._parked.append((fn, args, future))
                 except BaseException as e:  # noqa: BLE001 - the caller gets it
                     future.set_exception(e)
             block = False

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import secrets
+import threading
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE, as_mono, float_to_int16
-from .engine import FRAME_MS, Engine, InferenceWorker, Sampling, Stream, max_frames_for_text
+from .engine import FRAME_MS, Engine, InferenceWorker, Sampling, SlotsBusyError, Stream, max_frames_for_text
 from .errors import AudioError, ContextTooLongError, ConversationBusyError, CSMError, InputError
 from .models.loading import DEFAULT_MODEL
 from .prompt import Segment, check_speaker, check_text
@@ -137,16 +138,17 @@ class CSMService:
         self.chunk_frames = chunk_frames
         self._context_budget = context_budget
         self._worker: InferenceWorker | None = None
-        self._streaming = asyncio.Semaphore(max_cached_conversations)
+        self._start_lock = threading.Lock()
         self._conversations: dict[str, Conversation] = {}
         self._voices: dict[str, Voice] = {}
 
     async def start(self) -> CSMService:
         """Load the model on the inference thread (idempotent)."""
-        if self._worker is None:
-            self._worker = InferenceWorker(
-                lambda: Engine.load(self.model, device=self.device, dtype=self.dtype, slots=self.max_cached_conversations)
-            )
+        with self._start_lock:
+            if self._worker is None:
+                self._worker = InferenceWorker(
+                    lambda: Engine.load(self.model, device=self.device, dtype=self.dtype, slots=self.max_cached_conversations)
+                )
         await asyncio.wrap_future(self._worker.ready)
         return self
 
@@ -306,9 +308,8 @@ class Conversation:
         started = None
         delivered: list[torch.Tensor] = []
         completed = False
-        await service._streaming.acquire()  # a cache slot per active reply: the rest queue here
         try:
-            started = worker.submit(start)
+            started = worker.submit(start, wait_for_slot=True)  # replies beyond the slots queue there
             stream = await asyncio.wrap_future(started)
             self._entries = context  # trimmed (if it had to be) only once the reply has started
             words = word_timings(text)
@@ -330,7 +331,6 @@ class Conversation:
                     completed = True
                     break
         finally:
-            service._streaming.release()
             self._queue = None
             self._busy = False
             if stream is not None:
@@ -423,5 +423,9 @@ def _chunk(text: str, words: list, frames: list, first_frame: int, final: bool) 
 
 
 def _log_failure(future) -> None:
-    if not future.cancelled() and future.exception() is not None:
+    if future.cancelled() or future.exception() is None:
+        return
+    if isinstance(future.exception(), SlotsBusyError):  # early prefill skipped; speak() prefills
+        log.debug("no free cache slot for an early prefill")
+    else:
         log.warning("background cache work failed: %s", future.exception())

@@ -152,7 +152,7 @@ def test_interrupt_with_played_ms_and_after_the_reply(hf_checkpoint, reference_e
 
 def test_twenty_conversations_at_once_match_solo_runs(hf_checkpoint, reference_engine):
     async def main():
-        async with CSMService(hf_checkpoint, max_cached_conversations=8) as service:
+        async with CSMService(hf_checkpoint, max_cached_conversations=4) as service:  # 20 replies queue for 4 slots
             ticks = 0
             done = asyncio.Event()
 

@@ -1,0 +1,1 @@
+"""Pipecat adapter for csm-plugin."""
