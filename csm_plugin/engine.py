@@ -67,15 +67,19 @@ def frame_gumbel_noise(seed: int, frame: int, num_codebooks: int, vocab: int, de
     return (-torch.log(-torch.log(u))).to(device)
 
 
-def sample_topk(logits: torch.Tensor, temperature: float, top_k: int, gumbel: torch.Tensor) -> torch.Tensor:
-    """logits [B, V], gumbel [B, V] -> codes [B]."""
+def sample_topk(
+    logits: torch.Tensor, temperature: torch.Tensor | float, top_k: torch.Tensor | int, gumbel: torch.Tensor
+) -> torch.Tensor:
+    """logits [B, V], per-stream temperature and top_k ([B] or scalars), gumbel [B, V] -> codes [B]."""
     logits = logits.float()
-    if top_k == 1:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-    logits = logits.masked_fill(logits < kth, float("-inf"))
-    return (logits + gumbel).argmax(-1)
+    B = logits.shape[0]
+    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(B)
+    top_k = torch.as_tensor(top_k, device=logits.device).expand(B).clamp(max=logits.shape[-1])
+    scaled = logits / temperature[:, None]
+    top = torch.topk(scaled, int(top_k.max()), dim=-1).values  # [B, max k], descending
+    kth = top.gather(1, (top_k - 1)[:, None])
+    sampled = (scaled.masked_fill(scaled < kth, float("-inf")) + gumbel).argmax(-1)
+    return torch.where(top_k == 1, logits.argmax(-1), sampled)
 
 
 class Generator:
@@ -319,24 +323,43 @@ class Engine:
         self.slots[slot].streaming = True
         return Stream(slot, text, sampling, start, h, limit, self.codec.decode_state(1), tokens.shape[0])
 
-    @torch.inference_mode()
     def step(self, stream: Stream) -> AudioFrame | None:
         """Generate and decode the stream's next frame; None (and done) at the end of the audio."""
+        return self.step_many([stream])[0]
+
+    @torch.inference_mode()
+    def step_many(self, streams: list[Stream]) -> list[AudioFrame | None]:
+        """Advance every stream by one frame together: one batched backbone step (each stream at
+        its own slot and position) and one batched 31-step depth pass. Sampling noise is per
+        stream, so each gets the codes it would get alone."""
         g = self.generator
-        if stream.fed < len(stream.codes):
-            position = torch.tensor([stream.frames_start + stream.fed])
-            stream.h = g.feed_frames(torch.tensor([stream.slot]), stream.codes[-1][None], position)
-            stream.fed += 1
-        frame = len(stream.codes)
-        codes = g.sample_frames(stream.h, g.frame_noise(stream.sampling.seed, frame)[None], stream.sampling.temperature, stream.sampling.top_k)
-        if not codes.any():
-            stream.done = True
-            return None
-        codes = codes[0].cpu()
-        stream.codes.append(codes)
-        stream.done = len(stream.codes) >= stream.limit
-        pcm = self.codec.decode_step(codes[None, :, None], stream.codec_state)
-        return AudioFrame(codes, pcm[0, 0].float().cpu().numpy())
+        feed = [s for s in streams if s.fed < len(s.codes)]
+        if feed:
+            h = g.feed_frames(
+                torch.tensor([s.slot for s in feed]),
+                torch.stack([s.codes[-1] for s in feed]),
+                torch.tensor([s.frames_start + s.fed for s in feed]),
+            )
+            for s, h_s in zip(feed, h):
+                s.h = h_s[None]
+                s.fed += 1
+        codes = g.sample_frames(
+            torch.cat([s.h for s in streams]),
+            torch.stack([g.frame_noise(s.sampling.seed, len(s.codes)) for s in streams]),
+            torch.tensor([s.sampling.temperature for s in streams]),
+            torch.tensor([s.sampling.top_k for s in streams]),
+        ).cpu()
+        frames: list[AudioFrame | None] = []
+        for s, c in zip(streams, codes):
+            if not c.any():  # the end-of-audio frame
+                s.done = True
+                frames.append(None)
+                continue
+            s.codes.append(c)
+            s.done = len(s.codes) >= s.limit
+            pcm = self.codec.decode_step(c[None, :, None], s.codec_state)
+            frames.append(AudioFrame(c, pcm[0, 0].float().cpu().numpy()))
+        return frames
 
     def finish(self, stream: Stream, key: Hashable | None, segment: Segment | None) -> None:
         """Close a stream: the cache keeps `segment` (the utterance as the listener heard it: its
@@ -443,21 +466,8 @@ class InferenceWorker:
                 self._retry_parked()
                 if not self._run_jobs(block=not self._streams and not self._parked):
                     break
-                for key, (stream, on_frame) in list(self._streams.items()):
-                    if key not in self._streams:
-                        continue
-                    try:
-                        frame = self.engine.step(stream)
-                    except Exception as e:  # noqa: BLE001 - the stream fails, the worker goes on
-                        log.exception("generation failed")
-                        self._streams.pop(key, None)
-                        on_frame(EngineError(f"generation failed: {e}"))
-                        continue
-                    if frame is not None:
-                        on_frame(frame)
-                    if stream.done:
-                        self._streams.pop(key, None)
-                        on_frame(None)
+                if self._streams:
+                    self._step_streams()
         except BaseException as e:  # noqa: BLE001
             log.exception("the inference worker crashed")
             self._crash = e
@@ -476,6 +486,32 @@ class InferenceWorker:
                     break
                 if job is not None:
                     job[2].set_exception(error)
+
+    def _step_streams(self) -> None:
+        """One frame for every active stream, batched; if the batch fails, each stream alone, so
+        one bad stream fails by itself and the others go on."""
+        active = list(self._streams.values())
+        try:
+            results = self.engine.step_many([stream for stream, _ in active])
+        except Exception:  # noqa: BLE001 - isolate the failing stream below
+            results = []
+            for stream, on_frame in active:
+                try:
+                    results.append(self.engine.step_many([stream])[0])
+                except Exception as e:  # noqa: BLE001 - that stream fails, the worker goes on
+                    log.exception("generation failed")
+                    stream.done = True
+                    self._streams.pop(id(stream), None)
+                    on_frame(EngineError(f"generation failed: {e}"))
+                    results.append(e)
+        for (stream, on_frame), frame in zip(active, results):
+            if isinstance(frame, Exception):
+                continue
+            if frame is not None:
+                on_frame(frame)
+            if stream.done:
+                self._streams.pop(id(stream), None)
+                on_frame(None)
 
     def _retry_parked(self) -> None:
         while self._parked and not all(slot.streaming for slot in self.engine.slots):

@@ -244,21 +244,47 @@ async def _drain(gen):
 def test_generation_failure_and_dead_worker(hf_checkpoint):
     async def main():
         async with CSMService(hf_checkpoint) as service:
-            conv = service.conversation("crash")
-            await conv.add_segment(1, "Hello.")
-            before = conv.history
+            good, bad = service.conversation("good"), service.conversation("bad")
+            await bad.add_segment(1, "Hello.")
+            before = bad.history
             engine = service.engine
-            original = engine.step
-            engine.step = lambda stream: (_ for _ in ()).throw(RuntimeError("boom"))
-            with pytest.raises(EngineError, match="boom"):
-                await _drain(conv.speak("Hi.", seed=1))
-            assert conv.history == before
-            engine.step = original
-            _, codes = await reply(conv, "Hi.", seed=1)  # the worker and the conversation go on
+            original = engine.step_many
+
+            def failing(streams):
+                if any(s.text == "Break." for s in streams):
+                    raise RuntimeError("boom")
+                return original(streams)
+
+            engine.step_many = failing
+            results = await asyncio.gather(
+                _drain(bad.speak("Break.", seed=1)), reply(good, "Fine.", seed=2), return_exceptions=True
+            )
+            assert isinstance(results[0], EngineError) and "boom" in str(results[0])
+            assert results[1][1].shape[0] > 0  # the other stream went on
+            assert bad.history == before
+            engine.step_many = original
+            _, codes = await reply(bad, "Hi.", seed=1)  # the worker and the conversation go on
             assert codes.shape[0] > 0
             service._worker.stop()
             with pytest.raises(WorkerCrashedError):
-                await _drain(conv.speak("Still there?"))
-            assert len(conv.history) == 2
+                await _drain(bad.speak("Still there?"))
+            assert len(bad.history) == 2
 
     run(main())
+
+
+def test_batched_streams_equal_solo_streams(hf_checkpoint, reference_engine):
+    from csm_plugin.prompt import Segment
+
+    engine = Engine.load(hf_checkpoint, slots=3)
+    jobs = [
+        ([Segment(1, "Hello there.")], "Hi! How are you?", Sampling(top_k=1, max_audio_ms=640)),
+        ([], "A different reply entirely.", Sampling(seed=4, max_audio_ms=480)),
+        ([Segment(1, "Question?", torch.randint(0, 2048, (5, 32)))], "Answer.", Sampling(seed=9, temperature=0.7, top_k=20, max_audio_ms=800)),
+    ]
+    streams = [engine.start(f"s{i}", [(object(), s) for s in ctx], 0, text, smp) for i, (ctx, text, smp) in enumerate(jobs)]
+    while not all(s.done for s in streams):
+        engine.step_many([s for s in streams if not s.done])
+    for (ctx, text, smp), stream in zip(jobs, streams):
+        solo = torch.stack([f.codes for f in reference_engine.synthesize(ctx, 0, text, smp)])
+        assert torch.equal(torch.stack(stream.codes), solo)
