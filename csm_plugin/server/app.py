@@ -1,0 +1,162 @@
+"""The aiohttp application: shared state, startup (load, register voices, warm up), drain.
+
+    app = create_app(ServerConfig.load(model="sesame/csm-1b", api_keys=[...]))
+    web.run_app(app)  # or csm_plugin.server.run.serve(config) for SIGTERM draining
+
+Routes live in routes.py (HTTP) and stream.py (the WebSocket conversation stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+from aiohttp import web
+
+from ..audio import read_mono
+from ..service import CSMService
+from .auth import KeyRing
+from .config import ServerConfig
+from .metrics import Metrics
+from .sessions import Sessions
+
+log = logging.getLogger(__name__)
+
+WARMUP_TEXT = "Hello, this is a warm-up."
+
+
+class ServerState:
+    """Everything the handlers share; one per application."""
+
+    def __init__(self, config: ServerConfig, service: CSMService | None = None):
+        self.config = config
+        self.limits = config.limits
+        self.keys = KeyRing(config.keys(), require=not config.allow_no_auth)
+        self.metrics = Metrics()
+        self.owns_service = service is None
+        self.service = service or CSMService(
+            config.model,
+            device=config.device,
+            dtype=config.dtype,
+            max_cached_conversations=config.max_cached_conversations,
+            context_budget=config.limits.context_positions,
+            chunk_frames=config.chunk_frames,
+        )
+        self.sessions = Sessions(
+            self.service, config.limits.retained_conversations, config.limits.idle_timeout_s, self.metrics.conversations.set
+        )
+        self.voice_names: set[str] = set()
+        self.ready = False
+        self.draining = False
+        self.load_error: BaseException | None = None
+        self.connections: set = set()  # stream.Connection
+        self.connections_per_key: collections.Counter[str] = collections.Counter()
+        self.streams_per_key: collections.Counter[str] = collections.Counter()
+        self.active_streams = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: list[asyncio.Task] = []
+
+    # Stream accounting: the gauge, the per-key count and the drain all read these.
+    def stream_started(self, key_id: str) -> None:
+        self.active_streams += 1
+        self.streams_per_key[key_id] += 1
+        self.metrics.active_streams.set(self.active_streams)
+        self._idle.clear()
+
+    def stream_ended(self, key_id: str) -> None:
+        self.active_streams -= 1
+        self.streams_per_key[key_id] -= 1
+        if self.streams_per_key[key_id] <= 0:
+            del self.streams_per_key[key_id]
+        self.metrics.active_streams.set(self.active_streams)
+        if self.active_streams == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def load(self) -> None:
+        """Load the model, register the operator's voices, speak once: then ready."""
+        try:
+            await self.service.start()
+            for voice in self.config.voices:
+                wav, rate = await asyncio.to_thread(read_mono, voice.audio)
+                await self.service.add_voice(voice.name, text=voice.text, audio=wav, sample_rate=rate)
+                self.voice_names.add(voice.name)
+            if self.config.warmup:
+                conv = self.service.conversation("\x00warmup")
+                async for _ in conv.speak(WARMUP_TEXT, seed=0, max_audio_ms=160):
+                    pass
+                await conv.close()
+        except Exception as e:  # noqa: BLE001 - reported by /readyz and /healthz
+            log.exception("loading the model failed")
+            self.load_error = e
+            return
+        self.ready = True
+        self.metrics.ready.set(1)
+        log.info("model %s loaded and warmed up; ready", self.config.model)
+
+
+STATE = web.AppKey("csm_state", ServerState)
+
+
+def create_app(config: ServerConfig, *, service: CSMService | None = None) -> web.Application:
+    """The application for `config`. Pass a started `service` to share one (tests, embedding)."""
+    from . import routes, stream
+
+    state = ServerState(config, service)
+    app = web.Application(client_max_size=config.limits.max_message_bytes, middlewares=[routes.error_middleware])
+    app[STATE] = state
+    routes.add_routes(app)
+    app.router.add_get("/v1/conversations/{conversation_id}/stream", stream.conversation_stream)
+    app.on_startup.append(_on_startup)
+    app.on_shutdown.append(_on_shutdown)
+    app.on_cleanup.append(_on_cleanup)
+    return app
+
+
+async def _on_startup(app: web.Application) -> None:
+    state = app[STATE]
+    state._tasks.append(asyncio.create_task(state.load(), name="csm-load"))
+    state._tasks.append(asyncio.create_task(state.sessions.run_sweeper(), name="csm-sweeper"))
+
+
+async def drain(app: web.Application, timeout: float) -> bool:
+    """Stop taking new replies, let running ones finish (up to `timeout` s), then close every
+    stream with 1001 (going away). True if every reply finished."""
+    state = app[STATE]
+    state.draining = True
+    state.ready = False
+    state.metrics.ready.set(0)
+    log.info("draining: %d replies running", state.active_streams)
+    finished = await state.wait_idle(timeout)
+    if not finished:
+        log.warning("drain timeout: %d replies still running are cut off", state.active_streams)
+    await _close_connections(state)
+    return finished
+
+
+async def _close_connections(state: ServerState) -> None:
+    connections = list(state.connections)
+    await asyncio.gather(*(c.shut_down() for c in connections), return_exceptions=True)
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    state = app[STATE]
+    state.draining = True
+    await _close_connections(state)
+
+
+async def _on_cleanup(app: web.Application) -> None:
+    state = app[STATE]
+    for task in state._tasks:
+        task.cancel()
+    await asyncio.gather(*state._tasks, return_exceptions=True)
+    if state.owns_service:
+        await state.service.close()

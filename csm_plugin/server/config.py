@@ -1,0 +1,176 @@
+"""Server settings: pydantic models filled from (lowest to highest precedence) defaults, a JSON
+config file, CSM_* environment variables and command-line flags.
+
+Everything a client could abuse is bounded here, and nothing here is chosen by a client: the
+model, voice files and key files come from the operator only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from ..errors import CSMError, InputError
+
+ENV_PREFIX = "CSM_"
+
+
+class ConfigError(CSMError, ValueError):
+    """The server configuration is invalid (bad file, bad value, or no API keys)."""
+
+
+class Limits(BaseModel):
+    """Per-message, per-conversation and per-key bounds. Every limit has a clear error code."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest WebSocket message or HTTP body")
+    max_text_chars: int = Field(2000, ge=1, description="longest text of a segment or a reply")
+    max_audio_seconds: float = Field(60.0, gt=0, description="longest input audio (or codes) of one segment")
+    max_reply_ms: float = Field(60_000.0, ge=80, description="cap on one reply's audio")
+    context_positions: int | None = Field(None, ge=64, description="context budget in model positions (None: the model's)")
+    max_history_segments: int = Field(1000, ge=1, description="most segments a restore may carry")
+    max_conversations_per_key: int = Field(64, ge=1, description="open conversation streams per API key")
+    max_streams_per_key: int = Field(16, ge=1, description="replies generating at once per API key")
+    max_connections: int = Field(1024, ge=1, description="open WebSocket streams in all")
+    retained_conversations: int = Field(1024, ge=1, description="detached conversations kept for a reconnect")
+    idle_timeout_s: float = Field(1800.0, gt=0, description="a detached conversation is forgotten after this")
+    send_timeout_s: float = Field(10.0, gt=0, description="a reader that takes no audio for this long is dropped")
+
+
+class VoiceConfig(BaseModel):
+    """A voice prompt the operator registers at startup; clients may only name it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    text: str
+    audio: Path
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "sesame/csm-1b"
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_cached_conversations: int = Field(8, ge=1, description="KV-cache slots")
+    chunk_frames: int = Field(1, ge=1, description="80 ms frames per audio message")
+    torch_threads: int | None = Field(None, ge=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    allow_no_auth: bool = False
+    metrics_require_auth: bool = False
+    voices: list[VoiceConfig] = Field(default_factory=list)
+    warmup: bool = True
+    drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM: how long running replies may take to finish")
+    heartbeat_s: float = Field(30.0, gt=0, description="WebSocket ping interval")
+    limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, host: str) -> str:
+        if not host:
+            raise ValueError("host is empty")
+        return host
+
+    @property
+    def binds_loopback_only(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def keys(self) -> list[str]:
+        """The accepted bearer tokens: inline ones plus those in api_keys_file (one per line, # comments)."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            keys += read_keys_file(self.api_keys_file)
+        keys = [k for k in keys if k]
+        if not keys and not self.allow_no_auth:
+            raise ConfigError(
+                "no API keys: set CSM_API_KEYS (comma-separated), CSM_API_KEYS_FILE or --api-keys-file; "
+                "or run without authentication with --no-auth (not recommended beyond loopback)"
+            )
+        if any(len(k) < 16 for k in keys):
+            raise ConfigError("API keys must be at least 16 characters long")
+        return keys
+
+    @classmethod
+    def load(
+        cls, config_file: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> ServerConfig:
+        """Defaults < JSON config file < environment < overrides (None values are ignored)."""
+        environ = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        config_file = config_file or environ.get(ENV_PREFIX + "SERVER_CONFIG")
+        if config_file:
+            try:
+                data = json.loads(Path(config_file).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ConfigError(f"cannot read server config {config_file}: {e}") from e
+            if not isinstance(data, dict):
+                raise ConfigError(f"{config_file}: expected a JSON object")
+        data.update(_from_env(environ))
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key in Limits.model_fields:
+                data.setdefault("limits", {})[key] = value
+            else:
+                data[key] = value
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(f"invalid server configuration: {e}") from e
+
+
+_ENV_FIELDS = {
+    "MODEL": "model",
+    "DEVICE": "device",
+    "DTYPE": "dtype",
+    "HOST": "host",
+    "PORT": "port",
+    "API_KEYS_FILE": "api_keys_file",
+    "TORCH_THREADS": "torch_threads",
+    "MAX_CACHED_CONVERSATIONS": "max_cached_conversations",
+    "DRAIN_TIMEOUT_S": "drain_timeout_s",
+}
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for suffix, name in _ENV_FIELDS.items():
+        if environ.get(ENV_PREFIX + suffix):
+            data[name] = environ[ENV_PREFIX + suffix]
+    if environ.get(ENV_PREFIX + "API_KEYS"):
+        data["api_keys"] = [k.strip() for k in environ[ENV_PREFIX + "API_KEYS"].split(",") if k.strip()]
+    for name in Limits.model_fields:
+        value = environ.get(ENV_PREFIX + "LIMIT_" + name.upper())
+        if value:
+            data.setdefault("limits", {})[name] = value
+    return data
+
+
+def read_keys_file(path: Path) -> list[str]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read API keys file {path}: {e}") from e
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def check_voice_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise InputError("a voice name must be a non-empty string")
+    return name

@@ -1,0 +1,297 @@
+"""The wire protocol shared by the server and `csm_plugin.client` (docs/protocol.md describes it).
+
+Client -> server: JSON text messages, validated by the models below. Server -> client: JSON text
+messages, plus one binary message of 16-bit PCM after each `chunk` header. Codes travel as
+base64 of little-endian uint16 values, frame-major ([frames, 32]); nothing here imports aiohttp.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from ..errors import AudioError, ContextTooLongError, ConversationBusyError, CSMError, EngineError, InputError
+from ..prompt import NUM_CODEBOOKS, Segment
+
+PROTOCOL_VERSION = 1
+CODEBOOK_SIZE = 2048  # Mimi codes are 0..2047
+CONVERSATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+# --- error codes -------------------------------------------------------------------------------
+
+class Code:
+    """Stable error codes (the `code` of an `error` message or of an HTTP error body)."""
+
+    UNAUTHORIZED = "unauthorized"
+    BAD_MESSAGE = "bad_message"
+    MESSAGE_TOO_BIG = "message_too_big"
+    TEXT_TOO_LONG = "text_too_long"
+    AUDIO_TOO_LONG = "audio_too_long"
+    HISTORY_TOO_LONG = "history_too_long"
+    CONTEXT_TOO_LONG = "context_too_long"
+    INVALID_INPUT = "invalid_input"
+    INVALID_AUDIO = "invalid_audio"
+    UNKNOWN_VOICE = "unknown_voice"
+    UNKNOWN_CONVERSATION = "unknown_conversation"
+    NOT_OPEN = "not_open"
+    BUSY = "busy"
+    TOO_MANY_CONVERSATIONS = "too_many_conversations"
+    TOO_MANY_STREAMS = "too_many_streams"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    DRAINING = "draining"
+    NOT_READY = "not_ready"
+    SLOW_READER = "slow_reader"
+    SUPERSEDED = "superseded"
+    ENGINE_ERROR = "engine_error"
+    INTERNAL = "internal"
+
+
+class ProtocolError(CSMError):
+    """A request the server refuses; `code` is one of `Code`'s values."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def error_code(error: BaseException) -> str:
+    """The wire code of an error raised while serving a request."""
+    if isinstance(error, ProtocolError):
+        return error.code
+    if isinstance(error, ContextTooLongError):
+        return Code.CONTEXT_TOO_LONG
+    if isinstance(error, AudioError):
+        return Code.INVALID_AUDIO
+    if isinstance(error, InputError):
+        return Code.INVALID_INPUT
+    if isinstance(error, ConversationBusyError):
+        return Code.BUSY
+    if isinstance(error, EngineError):
+        return Code.ENGINE_ERROR
+    return Code.INTERNAL
+
+
+# --- payload pieces ----------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class CodesIn(_Strict):
+    frames: int = Field(ge=1)
+    data: str  # base64, uint16 little-endian, frames * 32 values
+
+
+class AudioIn(_Strict):
+    format: Literal["s16le", "f32le"] = "s16le"
+    sample_rate: int
+    data: str  # base64 PCM, mono
+
+
+MAX_SPEAKER = 9999
+MAX_SEED = 2**62
+
+
+class SegmentIn(_Strict):
+    speaker: int = Field(ge=0, le=MAX_SPEAKER)
+    text: str
+    origin: Literal["user", "agent"] = "user"
+    codes: CodesIn | None = None
+    audio: AudioIn | None = None  # HTTP context only; a restore carries codes
+
+
+# --- client -> server messages -----------------------------------------------------------------
+
+class Open(_Strict):
+    type: Literal["open"]
+    id: int | None = None
+    voices: dict[str, str] = Field(default_factory=dict)  # speaker (as a JSON key) -> voice name
+    turns: int = Field(0, ge=0)
+    digest: str | None = Field(None, max_length=128)
+
+
+class Restore(_Strict):
+    type: Literal["restore"]
+    id: int | None = None
+    voices: dict[str, str] = Field(default_factory=dict)
+    history: list[SegmentIn] = Field(default_factory=list)
+
+
+class AddSegment(_Strict):
+    type: Literal["add_segment"]
+    id: int | None = None
+    speaker: int = Field(ge=0, le=MAX_SPEAKER)
+    text: str
+    audio: AudioIn | None = None
+    codes: CodesIn | None = None
+
+
+class Speak(_Strict):
+    type: Literal["speak"]
+    id: int | None = None
+    text: str
+    speaker: int = Field(0, ge=0, le=MAX_SPEAKER)
+    temperature: float = 0.9
+    top_k: int = 50
+    seed: int | None = Field(None, ge=-MAX_SEED, le=MAX_SEED)
+    max_audio_ms: float | None = None
+    chunk_frames: int | None = Field(None, ge=1, le=50)
+
+
+class Interrupt(_Strict):
+    type: Literal["interrupt"]
+    id: int | None = None
+    played_ms: float | None = Field(None, ge=0)
+
+
+class Close(_Strict):
+    type: Literal["close"]
+    id: int | None = None
+
+
+ClientMessage = Annotated[Open | Restore | AddSegment | Speak | Interrupt | Close, Field(discriminator="type")]
+_client_message = TypeAdapter(ClientMessage)
+
+
+class SpeechRequest(_Strict):
+    """POST /v1/speech: one reply as a WAV file, after an optional context."""
+
+    text: str
+    speaker: int = Field(0, ge=0, le=MAX_SPEAKER)
+    temperature: float = 0.9
+    top_k: int = 50
+    seed: int | None = Field(None, ge=-MAX_SEED, le=MAX_SEED)
+    max_audio_ms: float | None = None
+    context: list[SegmentIn] = Field(default_factory=list)
+
+
+def parse_client_message(raw: str | bytes) -> Open | Restore | AddSegment | Speak | Interrupt | Close:
+    """Parse one text message; ProtocolError(bad_message) with a short reason if it is not valid."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(Code.BAD_MESSAGE, f"not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(Code.BAD_MESSAGE, "a message must be a JSON object")
+    try:
+        return _client_message.validate_python(data)
+    except ValidationError as e:
+        raise ProtocolError(Code.BAD_MESSAGE, describe_validation_error(e)) from None
+
+
+def request_id(raw: str | bytes) -> int | None:
+    """The `id` of a message that failed validation, if it has a usable one (for the error's `re`)."""
+    try:
+        value = json.loads(raw).get("id")
+    except Exception:  # noqa: BLE001 - anything unparsable has no id
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:3]:
+        where = ".".join(str(p) for p in item["loc"]) or "message"
+        parts.append(f"{where}: {item['msg']}")
+    more = error.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def parse_voices(voices: Mapping[str, str]) -> dict[int, str]:
+    out = {}
+    for speaker, name in voices.items():
+        if not speaker.isdigit() or len(speaker) > 6:
+            raise ProtocolError(Code.BAD_MESSAGE, f"voices: speaker {speaker!r} is not a non-negative integer")
+        out[int(speaker)] = name
+    return out
+
+
+# --- codes and audio ---------------------------------------------------------------------------
+
+def encode_codes(codes: torch.Tensor | None) -> dict[str, Any] | None:
+    if codes is None:
+        return None
+    array = codes.to(torch.int32).cpu().numpy().astype("<u2")
+    return {"frames": int(codes.shape[0]), "data": base64.b64encode(array.tobytes()).decode("ascii")}
+
+
+def decode_codes(codes: CodesIn | Mapping[str, Any] | None, max_frames: int | None = None) -> torch.Tensor | None:
+    if codes is None:
+        return None
+    frames, data = (codes.frames, codes.data) if isinstance(codes, CodesIn) else (codes["frames"], codes["data"])
+    if max_frames is not None and frames > max_frames:
+        raise ProtocolError(Code.AUDIO_TOO_LONG, f"codes have {frames} frames, at most {max_frames} are allowed")
+    raw = _b64(data, "codes")
+    if len(raw) != frames * NUM_CODEBOOKS * 2:
+        raise ProtocolError(Code.BAD_MESSAGE, f"codes: expected {frames} x {NUM_CODEBOOKS} uint16 values, got {len(raw)} bytes")
+    values = np.frombuffer(raw, dtype="<u2").astype(np.int64)
+    if values.size and values.max() >= CODEBOOK_SIZE:
+        raise ProtocolError(Code.BAD_MESSAGE, f"codes must be below {CODEBOOK_SIZE}")
+    return torch.from_numpy(values.reshape(frames, NUM_CODEBOOKS).copy())
+
+
+def decode_audio(audio: AudioIn, max_seconds: float) -> tuple[np.ndarray, int]:
+    """PCM from the wire -> (mono samples, rate); the length limit is checked before decoding."""
+    raw_len = len(audio.data) * 3 // 4
+    width = 2 if audio.format == "s16le" else 4
+    if audio.sample_rate > 0 and raw_len / width / audio.sample_rate > max_seconds + 1:
+        raise ProtocolError(Code.AUDIO_TOO_LONG, f"audio is longer than {max_seconds:g} s")
+    raw = _b64(audio.data, "audio")
+    if len(raw) % width:
+        raise ProtocolError(Code.BAD_MESSAGE, f"audio: {audio.format} data must be a multiple of {width} bytes")
+    samples = np.frombuffer(raw, dtype="<i2" if width == 2 else "<f4")
+    if audio.sample_rate > 0 and len(samples) / audio.sample_rate > max_seconds:
+        raise ProtocolError(Code.AUDIO_TOO_LONG, f"audio is {len(samples) / audio.sample_rate:.1f} s, at most {max_seconds:g} s")
+    return samples.astype(np.int16 if width == 2 else np.float32), audio.sample_rate
+
+
+def encode_audio(pcm: np.ndarray) -> dict[str, str]:
+    """Mono samples -> the wire format: int16 stays s16le, anything else is sent as f32le."""
+    pcm = np.asarray(pcm)
+    if pcm.dtype == np.int16:
+        return {"format": "s16le", "data": base64.b64encode(pcm.astype("<i2").tobytes()).decode("ascii")}
+    return {"format": "f32le", "data": base64.b64encode(pcm.astype("<f4").tobytes()).decode("ascii")}
+
+
+def _b64(data: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(Code.BAD_MESSAGE, f"{what}: data is not valid base64") from None
+
+
+def segment_out(segment: Segment, origin: str) -> dict[str, Any]:
+    return {"speaker": segment.speaker, "text": segment.text, "origin": origin, "codes": encode_codes(segment.codes)}
+
+
+def segment_in(data: Mapping[str, Any]) -> tuple[Segment, str]:
+    """A segment as the server sent it -> (Segment, origin)."""
+    return Segment(data["speaker"], data["text"], decode_codes(data.get("codes"))), data.get("origin", "user")
+
+
+def history_digest(voices: Mapping[int, str], turns: Sequence[tuple[Segment, str]]) -> str:
+    """A fingerprint of a conversation's state: voices plus every turn (speaker, text, origin,
+    codes). Client and server compare it to find out whether the server's copy is current."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted((int(k), v) for k, v in voices.items())).encode())
+    for segment, origin in turns:
+        frames = -1 if segment.codes is None else segment.codes.shape[0]
+        h.update(json.dumps([segment.speaker, segment.text, origin, frames]).encode())
+        if segment.codes is not None:
+            h.update(segment.codes.to(torch.int32).cpu().numpy().astype("<u2").tobytes())
+    return h.hexdigest()[:32]
+
+
+def dumps(message: Mapping[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"))

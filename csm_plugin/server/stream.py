@@ -1,0 +1,443 @@
+"""The WebSocket conversation stream: GET /v1/conversations/{id}/stream (docs/protocol.md).
+
+One Connection per socket. Its receive loop handles control messages in order; a reply runs in a
+task of its own so that `interrupt` is heard while audio flows. Every send goes through one lock,
+so a `chunk` header and its PCM are adjacent and history updates reach the client in the order
+they happened. A bad message gets an `error` reply and changes nothing else; a socket that goes
+away cancels its reply at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..audio import SAMPLE_RATE
+from ..engine import FRAME_MS
+from ..errors import CSMError
+from ..prompt import Segment
+from ..service import AudioChunk
+from .app import STATE, ServerState
+from .auth import Principal
+from .protocol import (
+    CONVERSATION_ID,
+    AddSegment,
+    Close,
+    Code,
+    Interrupt,
+    Open,
+    ProtocolError,
+    Restore,
+    SegmentIn,
+    Speak,
+    dumps,
+    encode_codes,
+    error_code,
+    parse_client_message,
+    parse_voices,
+    request_id,
+    segment_out,
+)
+from .routes import authenticate, check_ready, check_text, error_response, reply_ms, segment_from_wire
+from .sessions import Session, append_turn, voice_segments
+
+log = logging.getLogger(__name__)
+
+CLOSE_SUPERSEDED = 4000  # another connection took this conversation over
+CLOSE_SLOW_READER = 4001
+
+
+async def conversation_stream(request: web.Request) -> web.StreamResponse:
+    """Authenticate and check the limits before upgrading: a refused client gets a plain HTTP
+    error (401, 429, 503) and the server does no work for it."""
+    state = request.app[STATE]
+    try:
+        principal = authenticate(request)
+        conversation_id = request.match_info["conversation_id"]
+        if not CONVERSATION_ID.match(conversation_id):
+            raise ProtocolError(Code.BAD_MESSAGE, "a conversation id is 1-128 characters of A-Z a-z 0-9 . _ : -")
+        check_ready(state)
+        if len(state.connections) >= state.limits.max_connections:
+            raise ProtocolError(Code.TOO_MANY_CONNECTIONS, "the server has too many open streams; try another replica")
+        if state.connections_per_key[principal.key_id] >= state.limits.max_conversations_per_key:
+            raise ProtocolError(
+                Code.TOO_MANY_CONVERSATIONS,
+                f"at most {state.limits.max_conversations_per_key} open conversations per API key",
+            )
+    except ProtocolError as e:
+        state.metrics.errors.labels(e.code).inc()
+        return error_response(e.code, e.message)
+    ws = web.WebSocketResponse(
+        max_msg_size=state.limits.max_message_bytes, heartbeat=state.config.heartbeat_s, compress=False
+    )
+    await ws.prepare(request)
+    connection = Connection(state, request, ws, principal, conversation_id)
+    await connection.run()
+    return ws
+
+
+class SlowReader(Exception):
+    pass
+
+
+class Connection:
+    def __init__(self, state: ServerState, request: web.Request, ws: web.WebSocketResponse, principal: Principal, conversation_id: str):
+        self.state = state
+        self.request = request
+        self.ws = ws
+        self.key_id = principal.key_id
+        self.conversation_id = conversation_id
+        self.session: Session | None = None
+        self.speak_task: asyncio.Task | None = None
+        self.generating = False  # from a speak request until its audio ends
+        self.pending_interrupt: tuple[float | None] | None = None
+        self.interrupted = False
+        self._send_lock = asyncio.Lock()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        state = self.state
+        state.connections.add(self)
+        state.connections_per_key[self.key_id] += 1
+        state.metrics.connections.set(len(state.connections))
+        try:
+            while not self.ws.closed:
+                msg = await self.ws.receive()
+                if msg.type == WSMsgType.TEXT:
+                    try:
+                        await self.handle(msg.data)
+                    except ConnectionError:  # the client went away while we answered
+                        break
+                elif msg.type == WSMsgType.BINARY:
+                    await self.send_error(None, Code.BAD_MESSAGE, "binary messages are not accepted; send JSON text messages")
+                elif msg.type == WSMsgType.ERROR:
+                    if self.ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
+                        state.metrics.errors.labels(Code.MESSAGE_TOO_BIG).inc()
+                        log.info("closed a stream: a message was over %d bytes", state.limits.max_message_bytes)
+                    break
+                else:  # CLOSE, CLOSING, CLOSED: the client went away
+                    break
+        finally:
+            await self.stop_speaking()
+            if self.session is not None and self.session.connection is self:
+                self.session.connection = None
+                state.sessions.touch(self.session)
+            state.connections.discard(self)
+            state.connections_per_key[self.key_id] -= 1
+            if state.connections_per_key[self.key_id] <= 0:
+                del state.connections_per_key[self.key_id]
+            state.metrics.connections.set(len(state.connections))
+            if not self.ws.closed:
+                with contextlib.suppress(Exception):
+                    await self.ws.close()
+
+    async def stop_speaking(self) -> None:
+        """Cancel a running reply now (the service keeps the frames already sent) and wait for it."""
+        task = self.speak_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def supersede(self) -> None:
+        """A newer connection takes this conversation over."""
+        self.session = None
+        await self.stop_speaking()
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=CLOSE_SUPERSEDED, message=b"superseded by a newer connection")
+
+    async def shut_down(self) -> None:
+        """Server shutdown: cut any reply still running, close with 1001 (going away)."""
+        await self.stop_speaking()
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
+    # --- messages ------------------------------------------------------------------------
+
+    async def handle(self, raw: str) -> None:
+        rid = None
+        try:
+            message = parse_client_message(raw)
+            rid = message.id
+            await self.dispatch(message)
+        except ProtocolError as e:
+            await self.send_error(rid if rid is not None else request_id(raw), e.code, e.message)
+        except CSMError as e:
+            await self.send_error(rid, error_code(e), str(e))
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("a message failed: %.200s", raw)
+            await self.send_error(rid, Code.INTERNAL, "internal server error")
+
+    async def dispatch(self, message) -> None:
+        if isinstance(message, Open):
+            await self.open(message)
+        elif isinstance(message, Restore):
+            await self.restore(message)
+        elif isinstance(message, Close):
+            await self.close(message)
+        elif self.session is None:
+            raise ProtocolError(Code.NOT_OPEN, "send 'open' (or 'restore') first")
+        elif isinstance(message, Interrupt):
+            await self.interrupt(message)
+        else:
+            await self.settle()
+            if isinstance(message, AddSegment):
+                await self.add_segment(message)
+            elif isinstance(message, Speak):
+                self.speak(message)
+
+    async def settle(self) -> None:
+        """Refuse a request while a reply is generating; wait out one that is just finishing."""
+        if self.generating and self.session is not None and self.session.conv.speaking:
+            raise ProtocolError(Code.BUSY, "a reply is in progress; wait for 'done' or send 'interrupt'")
+        if self.speak_task is not None and not self.speak_task.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self.speak_task)
+
+    def _voices(self, voices: dict[str, str]) -> dict[int, str]:
+        parsed = parse_voices(voices)
+        unknown = sorted(set(parsed.values()) - self.state.voice_names)
+        if unknown:
+            raise ProtocolError(Code.UNKNOWN_VOICE, f"unknown voice(s) {unknown}; this server has {sorted(self.state.voice_names)}")
+        return parsed
+
+    async def _take(self, session: Session) -> None:
+        """Attach `session` to this connection, superseding another connection that holds it."""
+        other = session.connection
+        if other is not None and other is not self:
+            await other.supersede()
+        session.connection = self
+        self.session = session
+        self.state.sessions.touch(session)
+
+    async def _forget(self, session: Session) -> None:
+        other = session.connection
+        if other is not None and other is not self:
+            await other.supersede()
+        elif other is self:
+            await self.stop_speaking()
+            self.session = None
+        await self.state.sessions.discard(session)
+
+    async def _ready(self, rid: int | None, how: str) -> None:
+        session = self.session
+        voices = [segment_out(s, "voice") for s in voice_segments(session.conv)]
+        await self.send({"type": "ready", "re": rid, "conversation": self.conversation_id, "state": how,
+                         "voices": voices, "turns": len(session.turns())})
+
+    async def open(self, message: Open) -> None:
+        if self.session is not None:
+            raise ProtocolError(Code.BAD_MESSAGE, "the conversation is already open on this stream")
+        voices = self._voices(message.voices)
+        sessions = self.state.sessions
+        session = sessions.get(self.key_id, self.conversation_id)
+        if session is not None:
+            if session.voices == voices and message.digest is not None and session.digest() == message.digest:
+                await self._take(session)
+                await self._ready(message.id, "resumed")
+                return
+            await self._forget(session)  # out of date: the client's copy wins
+            raise ProtocolError(Code.UNKNOWN_CONVERSATION, "this server's copy of the conversation is out of date; restore it")
+        if message.turns:
+            raise ProtocolError(Code.UNKNOWN_CONVERSATION, "this server does not know the conversation; restore it")
+        await self._take(sessions.create(self.key_id, self.conversation_id, voices))
+        await self._ready(message.id, "created")
+
+    async def restore(self, message: Restore) -> None:
+        await self.settle()
+        voices = self._voices(message.voices)
+        limits = self.state.limits
+        if len(message.history) > limits.max_history_segments:
+            raise ProtocolError(Code.HISTORY_TOO_LONG, f"a restore carries at most {limits.max_history_segments} segments")
+        turns = [segment_from_wire(self.state, item, allow_audio=False)[:2] for item in message.history]
+        sessions = self.state.sessions
+        for session in {s for s in (self.session, sessions.get(self.key_id, self.conversation_id)) if s is not None}:
+            await self._forget(session)
+        session = sessions.create(self.key_id, self.conversation_id, voices)
+        for segment, origin in turns:
+            append_turn(session.conv, segment, origin)
+        await self._take(session)
+        await self._ready(message.id, "restored")
+
+    async def close(self, message: Close) -> None:
+        if self.generating:
+            raise ProtocolError(Code.BUSY, "a reply is in progress; interrupt it before closing")
+        session = self.session or self.state.sessions.get(self.key_id, self.conversation_id)
+        if session is not None:
+            await self._forget(session)
+        self.session = None
+        await self.send({"type": "closed", "re": message.id})
+        await self.ws.close()
+
+    async def add_segment(self, message: AddSegment) -> None:
+        state = self.state
+        check_text(state, message.text)
+        if message.audio is not None and message.codes is not None:
+            raise ProtocolError(Code.BAD_MESSAGE, "send audio or codes, not both")
+        item = SegmentIn.model_construct(speaker=message.speaker, text=message.text, codes=message.codes, audio=message.audio)
+        segment, _, audio = segment_from_wire(state, item, allow_audio=True)
+        conv = self.session.conv
+        if audio is not None:
+            await conv.add_segment(segment.speaker, segment.text, audio=audio[0], sample_rate=audio[1])
+        elif segment.codes is not None:
+            append_turn(conv, Segment(segment.speaker, segment.text.strip(), segment.codes), "user")
+        else:
+            await conv.add_segment(segment.speaker, segment.text)
+        turns = self.session.turns()
+        await self.send({"type": "added", "re": message.id, "segment": segment_out(*turns[-1]), "turns": len(turns)})
+
+    async def interrupt(self, message: Interrupt) -> None:
+        conv = self.session.conv
+        if self.generating:
+            self.interrupted = True
+            if conv.speaking:
+                await conv.interrupt(message.played_ms)
+            else:  # the reply has not started: stop it at its first frame
+                self.pending_interrupt = (message.played_ms,)
+            await self.send({"type": "interrupted", "re": message.id, "speaking": True, "changed": False, "segment": None})
+            return
+        await self.settle()  # a reply that just ended: its `done` goes out first
+        before = conv.history
+        await conv.interrupt(message.played_ms)
+        after = conv.history
+        changed = bool(before) and (len(after) != len(before) or after[-1] is not before[-1])
+        replaced = changed and len(after) == len(before)
+        await self.send({"type": "interrupted", "re": message.id, "speaking": False, "changed": changed,
+                         "segment": segment_out(after[-1], "agent") if replaced else None})
+
+    def speak(self, message: Speak) -> None:
+        state = self.state
+        if state.draining:
+            raise ProtocolError(Code.DRAINING, "the server is shutting down; reconnect (another replica will take over)")
+        check_text(state, message.text)
+        if state.streams_per_key[self.key_id] >= state.limits.max_streams_per_key:
+            raise ProtocolError(Code.TOO_MANY_STREAMS, f"at most {state.limits.max_streams_per_key} replies at once per API key")
+        self.generating = True
+        self.interrupted = False
+        self.pending_interrupt = None
+        state.stream_started(self.key_id)
+        self.speak_task = asyncio.create_task(self._reply(message, self.session))
+
+    # --- one reply -----------------------------------------------------------------------
+
+    async def _reply(self, message: Speak, session: Session) -> None:
+        state, metrics, conv = self.state, self.state.metrics, session.conv
+        before = conv.history  # keeps the objects alive: identity tells the new reply apart
+        start = time.perf_counter()
+        first = last = None
+        frames = 0
+        outcome, error = "completed", None
+        try:
+            stream = conv.speak(
+                message.text,
+                speaker=message.speaker,
+                temperature=message.temperature,
+                top_k=message.top_k,
+                seed=message.seed,
+                max_audio_ms=reply_ms(state, message.text, message.max_audio_ms),
+                chunk_frames=message.chunk_frames,
+            )
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                        metrics.time_to_first_audio.observe(now - start)
+                    else:
+                        metrics.frame_interval.observe((now - last) / max(1, chunk.num_frames))
+                    last = now
+                    await self.send_chunk(message.id, chunk)
+                    frames += chunk.num_frames
+                    if self.pending_interrupt is not None:
+                        (played_ms,), self.pending_interrupt = self.pending_interrupt, None
+                        await conv.interrupt(played_ms)
+            if self.interrupted:
+                outcome = "interrupted"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except SlowReader:
+            outcome = "slow_reader"
+            metrics.errors.labels(Code.SLOW_READER).inc()
+            log.info("dropping a reader that took no audio for %.0f s", state.limits.send_timeout_s)
+            self._abort()
+        except CSMError as e:
+            outcome, error = "error", e
+        except ConnectionError:  # the socket went away while sending
+            outcome = "disconnected"
+        except Exception as e:
+            log.exception("a reply failed")
+            outcome, error = "error", e
+        finally:
+            self.generating = False
+            state.stream_ended(self.key_id)
+            metrics.streams.labels(outcome).inc()
+            if frames:
+                seconds = frames * FRAME_MS / 1000
+                metrics.audio_seconds.inc(seconds)
+                metrics.real_time_factor.observe((time.perf_counter() - start) / seconds)
+        if outcome in ("completed", "interrupted", "error"):
+            await self._done(message.id, before, conv, outcome, error, frames)
+
+    async def _done(self, rid, before, conv, outcome: str, error: BaseException | None, frames: int) -> None:
+        if error is not None:
+            code = error_code(error)
+            self.state.metrics.errors.labels(code).inc()
+            error = {"code": code, "message": str(error) if code != Code.INTERNAL else "internal server error"}
+        async with self._send_lock:  # the history is read and sent with nothing in between
+            history = conv.history
+            recorded = history[-1] if history and all(history[-1] is not s for s in before) else None
+            turns = len(self.session.turns()) if self.session is not None else 0
+            payload = {"type": "done", "re": rid, "reason": outcome, "frames": frames, "turns": turns,
+                       "segment": segment_out(recorded, "agent") if recorded is not None else None, "error": error}
+            with contextlib.suppress(ConnectionError):
+                await self.ws.send_str(dumps(payload))
+
+    # --- sending -------------------------------------------------------------------------
+
+    async def send(self, payload: dict) -> None:
+        async with self._send_lock:
+            await self.ws.send_str(dumps(payload))
+
+    async def send_error(self, rid: int | None, code: str, message: str) -> None:
+        self.state.metrics.errors.labels(code).inc()
+        with contextlib.suppress(ConnectionError):
+            await self.send({"type": "error", "re": rid, "code": code, "message": message})
+
+    async def send_chunk(self, rid: int | None, chunk: AudioChunk) -> None:
+        """The chunk's header, then its PCM. A reader that takes nothing for send_timeout_s is
+        dropped (backpressure: until then, sending waits for the socket to drain)."""
+        header = {
+            "type": "chunk",
+            "re": rid,
+            "start_ms": chunk.start_ms,
+            "text_start": chunk.text_start,
+            "text_end": chunk.text_end,
+            "words": [[w.text, w.start_ms] for w in chunk.words],
+            "samples": len(chunk.pcm),
+            "sample_rate": SAMPLE_RATE,
+        }
+        codes = getattr(chunk, "codes", None)  # not in AudioChunk yet; sent if the service adds it
+        if codes is not None:
+            header["codes"] = encode_codes(codes)
+        async with self._send_lock:
+            try:
+                await asyncio.wait_for(self._send_pair(dumps(header), chunk.data), self.state.limits.send_timeout_s)
+            except asyncio.TimeoutError:
+                raise SlowReader() from None
+
+    async def _send_pair(self, header: str, data: bytes) -> None:
+        await self.ws.send_str(header)
+        await self.ws.send_bytes(data)
+
+    def _abort(self) -> None:
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
