@@ -65,8 +65,8 @@ class _Speech:
     """What one stream spoke: frames kept per sentence (each one history segment), in order."""
 
     frames: list[int] = field(default_factory=list)
+    frames_pushed: int = 0
     history_len: int = -1  # len(conversation.history) right after it; -1 while it runs
-    settled: bool = False
 
 
 class TTS(tts.TTS):
@@ -145,7 +145,7 @@ class TTS(tts.TTS):
         self._tap: _UserAudioTap | None = None
         self._seen_items: set[str] = set()
         self._spoken = False
-        self._last_speech: _Speech | None = None
+        self._unsettled: deque[_Speech] = deque(maxlen=8)  # replies whose playback has not ended
         self._pending_trims: list[tuple[_Speech, float]] = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -286,10 +286,11 @@ class TTS(tts.TTS):
             self._schedule_catch_up()  # prefill the user's turn while the LLM thinks
 
     def _on_playback_finished(self, ev: io.PlaybackFinishedEvent) -> None:
-        speech = self._last_speech
-        if speech is None or speech.settled or speech.history_len < 0:
+        # the oldest reply still playing; an event for audio that is not ours finds none
+        speech = next((s for s in self._unsettled if s.frames_pushed), None)
+        if speech is None:
             return
-        speech.settled = True
+        self._unsettled.remove(speech)
         if ev.interrupted:
             self._pending_trims.append((speech, float(ev.playback_position)))
             self._schedule_catch_up()
@@ -420,7 +421,8 @@ class TTS(tts.TTS):
                 self._refresh_io()
                 await self._catch_up(conv)
                 self._spoken = True
-                speech = self._last_speech = _Speech()
+                speech = _Speech()
+                self._unsettled.append(speech)
                 try:
                     async for text in sentences:
                         if text.strip():
@@ -465,6 +467,7 @@ class TTS(tts.TTS):
                     )
                 )
                 frames += math.ceil(len(pcm) * 1000 / (chunk.sample_rate * FRAME_MS))
+                speech.frames_pushed += 1
                 await asyncio.sleep(0)  # let the frame go out before the next one
                 try:
                     chunk = await chunks.__anext__()

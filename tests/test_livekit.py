@@ -1,0 +1,424 @@
+"""The LiveKit Agents plugin (livekit.plugins.csm), offline: no LiveKit server, no room, no keys.
+
+A small random checkpoint speaks; replies are capped at a few frames so the file stays fast."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("livekit.agents")
+
+from livekit import rtc  # noqa: E402
+from livekit.agents import (  # noqa: E402
+    DEFAULT_API_CONNECT_OPTIONS,
+    Agent,
+    AgentSession,
+    APIConnectOptions,
+    APIError,
+    llm,
+    tts,
+)
+from livekit.agents.voice import io  # noqa: E402
+from livekit.plugins import csm  # noqa: E402
+
+from csm_plugin.backend import shared_service  # noqa: E402
+from csm_plugin.engine import Engine, Sampling  # noqa: E402
+
+SR = 24000
+FRAME = SR * 80 // 1000  # samples in one CSM frame
+REPLY_MS = 480  # 6 frames per sentence
+SEED = 7
+
+
+def frames_of(segment) -> int:
+    return 0 if segment.codes is None else segment.codes.shape[0]
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+class CountingBackend:
+    """The real service, observed: counts the chunks its replies have produced so far."""
+
+    def __init__(self, service):
+        self.service = service
+        self.yielded = 0
+
+    async def start(self):
+        return self
+
+    def conversation(self, conversation_id, *, voices=None):
+        return _CountingConversation(self, self.service.conversation(conversation_id, voices=voices))
+
+    async def close(self):
+        pass
+
+
+class _CountingConversation:
+    def __init__(self, backend, conv):
+        self._backend, self._conv = backend, conv
+        self.id = conv.id
+
+    def __getattr__(self, name):
+        return getattr(self._conv, name)
+
+    async def speak(self, text, **kw):
+        gen = self._conv.speak(text, **kw)
+        try:
+            async for chunk in gen:
+                self._backend.yielded += 1
+                yield chunk
+        finally:
+            await gen.aclose()
+
+
+class ScriptedLLM(llm.LLM):
+    """Replies with the next scripted text, a word at a time."""
+
+    def __init__(self, replies: list[str]):
+        super().__init__()
+        self.replies = list(replies)
+
+    def chat(self, *, chat_ctx, tools=None, conn_options=DEFAULT_API_CONNECT_OPTIONS, **kw):
+        return _ScriptedStream(self, self.replies.pop(0), chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
+
+
+class _ScriptedStream(llm.LLMStream):
+    def __init__(self, owner, reply, **kw):
+        super().__init__(owner, **kw)
+        self._reply = reply
+
+    async def _run(self) -> None:
+        for i, word in enumerate(self._reply.split(" ")):
+            await asyncio.sleep(0)
+            token = word if i == 0 else " " + word
+            self._event_ch.send_nowait(llm.ChatChunk(id="r", delta=llm.ChoiceDelta(role="assistant", content=token)))
+
+
+class CaptureOutput(io.AudioOutput):
+    """An audio sink that 'plays' each segment instantly when it ends, unless `hold` is set: then
+    the segment keeps playing until clear_buffer (an interruption), which reports that only
+    `played_fraction` of what the sink received was played."""
+
+    def __init__(self, played_fraction: float = 0.5):
+        super().__init__(label="capture", capabilities=io.AudioOutputCapabilities(pause=False), sample_rate=None)
+        self.frames: list[rtc.AudioFrame] = []
+        self.played_fraction = played_fraction
+        self.hold = False
+        self.reported: list[io.PlaybackFinishedEvent] = []
+        self._segment = 0.0
+        self._open = False
+        self.on("playback_finished", self.reported.append)
+
+    @property
+    def duration(self) -> float:
+        return sum(f.duration for f in self.frames)
+
+    async def capture_frame(self, frame: rtc.AudioFrame) -> None:
+        await super().capture_frame(frame)
+        if not self._open:
+            self._open = True
+            self.on_playback_started(created_at=0.0)
+        self.frames.append(frame)
+        self._segment += frame.duration
+
+    def flush(self) -> None:
+        super().flush()
+        if self._open and not self.hold:
+            self.on_playback_finished(playback_position=self._segment, interrupted=False)
+            self._segment, self._open = 0.0, False
+
+    def clear_buffer(self) -> None:
+        if self._open:
+            self.on_playback_finished(playback_position=self._segment * self.played_fraction, interrupted=True)
+            self._segment, self._open = 0.0, False
+
+
+class ToneTTS(tts.TTS):
+    """A trivial second TTS for the fallback test."""
+
+    def __init__(self):
+        super().__init__(capabilities=tts.TTSCapabilities(streaming=False), sample_rate=SR, num_channels=1)
+
+    def synthesize(self, text, *, conn_options=DEFAULT_API_CONNECT_OPTIONS):
+        return _ToneStream(tts=self, input_text=text, conn_options=conn_options)
+
+
+class _ToneStream(tts.ChunkedStream):
+    async def _run(self, output_emitter):
+        output_emitter.initialize(request_id="tone", sample_rate=SR, num_channels=1, mime_type="audio/pcm")
+        t = np.arange(SR // 4) / SR
+        output_emitter.push((3000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16).tobytes())
+
+
+async def wait_until(predicate, what: str, steps: int = 600) -> None:
+    for _ in range(steps):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+# --- import ---------------------------------------------------------------------------------------
+
+
+def test_import_loads_no_weights_and_starts_no_threads():
+    code = textwrap.dedent(
+        """
+        import os, sys, threading
+        import livekit.agents  # the framework's own native threads are the baseline
+        before = sorted(os.listdir("/proc/self/task"))
+        from livekit.plugins import csm
+        t = csm.TTS(model="sesame/csm-1b", device="cpu")  # constructing loads nothing either
+        assert sorted(os.listdir("/proc/self/task")) == before, "native threads were started"
+        assert threading.active_count() == 1, threading.enumerate()
+        heavy = [m for m in sys.modules if m == "torch" or m.startswith("csm_plugin")]
+        assert not heavy, heavy
+        from livekit.agents import Plugin
+        assert any(p.package == "livekit.plugins.csm" for p in Plugin.registered_plugins)
+        assert t.sample_rate == 24000 and t.capabilities.streaming
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("ok")
+
+
+# --- unit level -----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_synthesize_streams_frames_before_generation_ends(hf_checkpoint):
+    backend = CountingBackend(await shared_service(hf_checkpoint))
+    speech = csm.TTS(backend=backend, seed=SEED, max_audio_ms=960)
+    metrics = []
+    speech.on("metrics_collected", metrics.append)
+    events, yielded_at_first = [], None
+    async with speech.synthesize("Hello there, how are you today?") as stream:
+        async for ev in stream:
+            if yielded_at_first is None:
+                yielded_at_first = backend.yielded
+            events.append(ev)
+    await asyncio.sleep(0)
+
+    reply = speech.conversation.history[-1]
+    n = frames_of(reply)
+    assert n >= 2 and backend.yielded == n
+    assert yielded_at_first < n  # the first frame went out while the model was still generating
+    assert {ev.frame.sample_rate for ev in events} == {speech.sample_rate} == {SR}
+    assert {ev.frame.num_channels for ev in events} == {1}
+    assert sum(ev.frame.samples_per_channel for ev in events) == n * FRAME  # every frame, once
+    assert len(events) >= n  # pushed frame by frame, not as one block
+    assert events[-1].is_final and not any(ev.is_final for ev in events[:-1])
+    assert reply.speaker == 0 and reply.text == "Hello there, how are you today?"
+    assert len(metrics) == 1 and metrics[0].ttfb > 0 and not metrics[0].streamed
+    assert metrics[0].audio_duration == pytest.approx(n * 0.08)
+    await speech.aclose()
+
+
+@pytest.mark.asyncio
+async def test_stream_speaks_each_sentence_as_soon_as_it_is_complete(hf_checkpoint):
+    backend = CountingBackend(await shared_service(hf_checkpoint))
+    speech = csm.TTS(backend=backend, seed=SEED, max_audio_ms=REPLY_MS)
+    metrics = []
+    speech.on("metrics_collected", metrics.append)
+    events = []
+    async with speech.stream() as stream:
+        stream.push_text("Hello there my good friend.")
+        stream.push_text(" How are you")  # the second sentence is still incomplete
+        first = await asyncio.wait_for(stream.__anext__(), 60)
+        events.append(first)
+        yielded_at_first = backend.yielded
+        assert [s.text for s in speech.conversation.history] == []  # still speaking sentence 1
+        stream.push_text(" doing on this fine day?")
+        stream.end_input()
+        async for ev in stream:
+            events.append(ev)
+    await asyncio.sleep(0)
+
+    history = speech.conversation.history
+    assert [(s.speaker, s.text) for s in history] == [
+        (0, "Hello there my good friend."),
+        (0, "How are you doing on this fine day?"),
+    ]
+    total = sum(frames_of(s) for s in history)
+    assert yielded_at_first < frames_of(history[0])
+    assert backend.yielded == total
+    assert sum(ev.frame.samples_per_channel for ev in events) == total * FRAME
+    assert {ev.frame.sample_rate for ev in events} == {SR} and len(events) >= total
+    assert len({ev.segment_id for ev in events}) == 1 and events[-1].is_final
+    assert len(metrics) == 1 and metrics[0].streamed and metrics[0].ttfb > 0  # _mark_started ran
+    assert metrics[0].audio_duration == pytest.approx(total * 0.08)
+    await speech.aclose()
+
+
+@pytest.mark.asyncio
+async def test_bad_input_is_a_non_retryable_api_error(hf_checkpoint):
+    speech = csm.TTS(model=hf_checkpoint, max_audio_ms=REPLY_MS)
+    errors = []
+    speech.on("error", errors.append)
+    with pytest.raises(APIError) as info:
+        await speech.synthesize("word " * 600, conn_options=APIConnectOptions(max_retry=2, retry_interval=0)).collect()
+    assert not info.value.retryable and "InputError" in str(info.value)
+    assert len(errors) == 1 and not errors[0].recoverable  # no retry was attempted
+    # the conversation is still usable
+    frame = await speech.synthesize("Fine.").collect()
+    assert frame.samples_per_channel > 0 and frame.sample_rate == SR
+    await speech.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_failing_model_falls_back_to_another_tts(tmp_path):
+    broken = csm.TTS(model=str(tmp_path / "no-such-checkpoint"))
+    with pytest.raises(APIError) as info:
+        await broken.synthesize("Hello.", conn_options=APIConnectOptions(max_retry=0)).collect()
+    assert not info.value.retryable and "CheckpointError" in str(info.value)
+
+    fallback = tts.FallbackAdapter([broken, ToneTTS()])
+    frame = await fallback.synthesize("Hello there.").collect()
+    assert frame.samples_per_channel >= SR // 4  # the tone TTS spoke instead
+    await fallback.aclose()
+
+
+# --- AgentSession -------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_agent_session_two_turns_in_context_then_barge_in(hf_checkpoint):
+    backend = CountingBackend(await shared_service(hf_checkpoint))
+    speech = csm.TTS(backend=backend, seed=SEED, max_audio_ms=REPLY_MS)
+    scripted = ScriptedLLM(
+        [
+            "I am sorry to hear that. Let me check.",
+            "Thanks, I found your order.",
+            "Your parcel left our warehouse on Monday and should reach you within two or three days",
+            "Glad to help.",
+        ]
+    )
+    session = AgentSession(llm=scripted, tts=speech, vad=None, turn_handling={"turn_detection": None})
+    out = CaptureOutput(played_fraction=0.5)
+    session.output.audio = out
+    speech.attach(session)  # outside a job; inside one the TTS finds the job's session itself
+    await session.start(agent=Agent(instructions="You are a test agent."))
+    try:
+        # turn 1 and turn 2
+        await session.generate_reply(user_input="Hi, my parcel never arrived.").wait_for_playout()
+        await session.generate_reply(user_input="It is order four two.").wait_for_playout()
+        history = speech.conversation.history
+        assert [(s.speaker, s.text) for s in history] == [
+            (1, "Hi, my parcel never arrived."),
+            (0, "I am sorry to hear that."),
+            (0, "Let me check."),
+            (1, "It is order four two."),
+            (0, "Thanks, I found your order."),
+        ]
+        assert all(frames_of(s) > 0 for s in history if s.speaker == 0)
+        assert sum(f.samples_per_channel for f in out.frames) == sum(frames_of(s) for s in history) * FRAME
+        # the second reply was conditioned on the first turn: it is exactly what the model says
+        # after that history (same seed), and not what it says without it
+        reference = Engine.load(hf_checkpoint)
+
+        def fresh(context):
+            sampling = Sampling(seed=SEED, max_audio_ms=REPLY_MS)
+            return torch.stack([f.codes for f in reference.synthesize(context, 0, history[-1].text, sampling)])
+
+        assert torch.equal(history[-1].codes, fresh(history[:-1]))
+        assert not torch.equal(history[-1].codes[:4], fresh(history[3:4])[:4])
+
+        # turn 3: the user barges in while the long reply is being spoken
+        speech.update_options(max_audio_ms=4000)
+        out.hold = True  # still playing when the user talks over it
+        before = out.duration
+        handle = session.generate_reply(user_input="When will it come?")
+        await wait_until(lambda: out.duration >= before + 0.4, "the reply to start playing")
+        session.interrupt()
+        yielded_at_interrupt = backend.yielded
+        await handle.wait_for_playout()
+        assert handle.interrupted
+        report = out.reported[-1]
+        assert report.interrupted
+        kept = math.ceil(report.playback_position * 1000 / 80)  # frames that started playing
+        await wait_until(
+            lambda: len(speech.conversation.history) == 7 and frames_of(speech.conversation.history[-1]) == kept,
+            "the reply to be trimmed to what was played",
+        )
+        assert not speech.conversation.speaking
+        assert backend.yielded - yielded_at_interrupt <= 2  # generation stopped right away
+        heard = speech.conversation.history[-1]
+        delivered_s = sum(f.duration for f in out.frames) - sum(frames_of(s) for s in history) * 0.08
+        assert heard.speaker == 0 and frames_of(heard) * 0.08 < delivered_s  # trimmed below what was sent
+        long_reply = "Your parcel left our warehouse on Monday and should reach you within two or three days"
+        assert long_reply.startswith(heard.text) and len(heard.text) < len(long_reply)
+
+        # turn 4 follows the trimmed history
+        speech.update_options(max_audio_ms=REPLY_MS)
+        out.hold = False
+        await session.generate_reply(user_input="Okay, thanks.").wait_for_playout()
+        tail = [(s.speaker, s.text) for s in speech.conversation.history[-3:]]
+        assert tail == [(0, heard.text), (1, "Okay, thanks."), (0, "Glad to help.")]
+    finally:
+        await session.aclose()
+        await speech.aclose()
+
+
+class ToneInput(io.AudioInput):
+    """User audio: `seconds` of a tone in 50 ms frames, then silence forever."""
+
+    def __init__(self, seconds: float):
+        super().__init__(label="tone-in")
+        t = np.arange(int(SR * seconds)) / SR
+        pcm = (6000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
+        step = SR // 20
+        self._frames = [rtc.AudioFrame(pcm[i : i + step].tobytes(), SR, 1, step) for i in range(0, len(pcm), step)]
+        self.done = asyncio.Event()
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        if not self._frames:
+            self.done.set()
+            await asyncio.Event().wait()
+        await asyncio.sleep(0)
+        return self._frames.pop(0)
+
+
+@pytest.mark.asyncio
+async def test_user_turns_are_recorded_with_the_users_voice(hf_checkpoint):
+    speech = csm.TTS(model=hf_checkpoint, seed=SEED, max_audio_ms=REPLY_MS)
+    session = AgentSession(tts=speech, vad=None, turn_handling={"turn_detection": None})
+    tone = ToneInput(seconds=1.0)
+    session.input.audio = tone
+    session.output.audio = CaptureOutput()
+    speech.attach(session)
+    started = time.time()
+    await session.start(agent=Agent(instructions="x"))
+    try:
+        assert session.input.audio.source is tone  # tapped, not replaced
+        await asyncio.wait_for(tone.done.wait(), 60)  # the session has read it all
+        stopped = time.time()
+        # a committed user turn carries when the user spoke (the session's own metrics)
+        session.history.add_message(
+            role="user", content="Where is my parcel?", metrics={"started_speaking_at": started, "stopped_speaking_at": stopped}
+        )
+        session.history.add_message(role="user", content="Hello?")  # no timing: transcript only
+        await session.say("Let me look into it.").wait_for_playout()
+        history = speech.conversation.history
+        assert [(s.speaker, s.text) for s in history] == [
+            (1, "Where is my parcel?"),
+            (1, "Hello?"),
+            (0, "Let me look into it."),
+        ]
+        assert frames_of(history[0]) == 13  # the user's 1 s of audio, Mimi-encoded (12.5 frames/s)
+        assert history[1].codes is None
+    finally:
+        await session.aclose()
+        await speech.aclose()
