@@ -23,7 +23,7 @@ from ..errors import AudioError, ContextTooLongError, ConversationBusyError, CSM
 from ..prompt import NUM_CODEBOOKS, Segment
 
 PROTOCOL_VERSION = 1
-CODEBOOK_SIZE = 2048  # Mimi codes are 0..2047
+AUDIO_VOCAB = 2051  # CSM's code ids: Mimi's 2048 and 3 the model may emit (the codec clamps them)
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -226,7 +226,9 @@ def encode_codes(codes: torch.Tensor | None) -> dict[str, Any] | None:
     return {"frames": int(codes.shape[0]), "data": base64.b64encode(array.tobytes()).decode("ascii")}
 
 
-def decode_codes(codes: CodesIn | Mapping[str, Any] | None, max_frames: int | None = None) -> torch.Tensor | None:
+def decode_codes(
+    codes: CodesIn | Mapping[str, Any] | None, max_frames: int | None = None, vocab: int = AUDIO_VOCAB
+) -> torch.Tensor | None:
     if codes is None:
         return None
     frames, data = (codes.frames, codes.data) if isinstance(codes, CodesIn) else (codes["frames"], codes["data"])
@@ -236,8 +238,8 @@ def decode_codes(codes: CodesIn | Mapping[str, Any] | None, max_frames: int | No
     if len(raw) != frames * NUM_CODEBOOKS * 2:
         raise ProtocolError(Code.BAD_MESSAGE, f"codes: expected {frames} x {NUM_CODEBOOKS} uint16 values, got {len(raw)} bytes")
     values = np.frombuffer(raw, dtype="<u2").astype(np.int64)
-    if values.size and values.max() >= CODEBOOK_SIZE:
-        raise ProtocolError(Code.BAD_MESSAGE, f"codes must be below {CODEBOOK_SIZE}")
+    if values.size and values.max() >= vocab:
+        raise ProtocolError(Code.BAD_MESSAGE, f"codes must be below {vocab}")
     return torch.from_numpy(values.reshape(frames, NUM_CODEBOOKS).copy())
 
 

@@ -155,7 +155,7 @@ def segment_from_wire(state: ServerState, item: SegmentIn, allow_audio: bool) ->
     if item.audio is not None and not allow_audio:
         raise ProtocolError(Code.BAD_MESSAGE, "this message carries segments with codes, not audio")
     max_frames = int(state.limits.max_audio_seconds * 1000 // FRAME_MS) + 1
-    codes = decode_codes(item.codes, max_frames)
+    codes = decode_codes(item.codes, max_frames, state.service.engine.checkpoint.config.audio_vocab_size)
     audio = decode_audio(item.audio, state.limits.max_audio_seconds) if item.audio is not None else None
     return Segment(item.speaker, item.text, codes), item.origin, audio
 

@@ -305,6 +305,9 @@ class Connection:
             return
         await self.settle()  # a reply that just ended: its `done` goes out first
         before = conv.history
+        if before and before[-1].codes is None:  # nothing to trim (a text-only turn)
+            await self.send({"type": "interrupted", "re": message.id, "speaking": False, "changed": False, "segment": None})
+            return
         await conv.interrupt(message.played_ms)
         after = conv.history
         changed = bool(before) and (len(after) != len(before) or after[-1] is not before[-1])
