@@ -289,6 +289,75 @@ async def test_a_failing_model_falls_back_to_another_tts(tmp_path):
     frame = await fallback.synthesize("Hello there.").collect()
     assert frame.samples_per_channel >= SR // 4  # the tone TTS spoke instead
     await fallback.aclose()
+    await broken.aclose()
+
+
+def test_prewarm_outside_an_event_loop_loads_the_shared_model(hf_checkpoint):
+    speech = csm.TTS(model=hf_checkpoint, seed=SEED, max_audio_ms=REPLY_MS)
+    speech.prewarm()  # an AgentServer setup_fnc: blocks until loaded
+
+    async def main():
+        assert speech._backend is await shared_service(hf_checkpoint)  # the process-wide one
+        frame = await speech.synthesize("Ready.").collect()
+        await speech.aclose()
+        return frame
+
+    frame = asyncio.run(main())
+    assert frame.sample_rate == SR and frame.samples_per_channel > 0
+
+
+@pytest.mark.asyncio
+async def test_follows_the_jobs_session_without_wiring(hf_checkpoint):
+    from livekit.agents.testing import fake_job_context
+
+    speech = csm.TTS(model=hf_checkpoint, seed=SEED, max_audio_ms=REPLY_MS)
+    with fake_job_context():
+        session = AgentSession(llm=ScriptedLLM(["Sure thing."]), tts=speech, vad=None, turn_handling={"turn_detection": None})
+        session.output.audio = CaptureOutput()
+        await session.start(agent=Agent(instructions="x"), record=False)
+        try:
+            await session.say("Hello, how can I help?").wait_for_playout()
+            await session.generate_reply(user_input="Read me the news.").wait_for_playout()
+            assert [(s.speaker, s.text) for s in speech.conversation.history] == [
+                (0, "Hello, how can I help?"),
+                (1, "Read me the news."),
+                (0, "Sure thing."),
+            ]
+        finally:
+            await session.aclose()
+            await speech.aclose()
+
+
+@pytest.mark.asyncio
+async def test_remote_mode_through_a_server(hf_checkpoint):
+    pytest.importorskip("csm_plugin.client")
+    from aiohttp import web
+
+    from csm_plugin.server.app import create_app
+    from csm_plugin.server.config import ServerConfig
+
+    service = await shared_service(hf_checkpoint)
+    config = ServerConfig(model=str(hf_checkpoint), port=0, allow_no_auth=True, warmup=False)
+    runner = web.AppRunner(create_app(config, service=service))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    speech = csm.TTS(url=f"ws://127.0.0.1:{port}", seed=SEED, max_audio_ms=REPLY_MS)
+    try:
+        events = []
+        async with speech.stream() as stream:
+            stream.push_text("Hello from the server. It speaks")
+            stream.push_text(" in two sentences.")
+            stream.end_input()
+            events = [ev async for ev in stream]
+        history = speech.conversation.history
+        assert [(s.speaker, s.text) for s in history] == [(0, "Hello from the server."), (0, "It speaks in two sentences.")]
+        assert sum(ev.frame.samples_per_channel for ev in events) == sum(frames_of(s) for s in history) * FRAME
+        assert {ev.frame.sample_rate for ev in events} == {SR}
+    finally:
+        await speech.aclose()
+        await runner.cleanup()
 
 
 # --- AgentSession -------------------------------------------------------------------------------

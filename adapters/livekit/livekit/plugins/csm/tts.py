@@ -28,6 +28,7 @@ from livekit.agents import (
     APIConnectionError,
     APIConnectOptions,
     APIError,
+    APIStatusError,
     APITimeoutError,
     get_job_context,
     tokenize,
@@ -215,6 +216,9 @@ class TTS(tts.TTS):
 
     async def aclose(self) -> None:
         self._detach()
+        if self._backend_task is not None and not self._backend_task.done():
+            # let a load in progress finish: cancelling it could cancel the shared model's load
+            await asyncio.wait([self._backend_task])
         for task in list(self._tasks):
             task.cancel()
         conv, self._conv = self._conv, None
@@ -600,6 +604,8 @@ def _api_error(e: BaseException) -> APIError:
         return APIConnectionError(message, retryable=False)  # needs a restart: fall back instead
     if isinstance(e, (errors.EngineError, errors.ConversationBusyError)):
         return APIConnectionError(message)
+    if isinstance(e, PermissionError):
+        return APIStatusError(message, status_code=401)  # a wrong API key: not retryable
     if isinstance(e, TimeoutError):
         return APITimeoutError(message)
     if isinstance(e, (ConnectionError, OSError)) or type(e).__module__.split(".")[0] in ("aiohttp", "websockets"):
