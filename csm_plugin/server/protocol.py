@@ -100,6 +100,7 @@ class AudioIn(_Strict):
 
 
 MAX_SPEAKER = 9999
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
 MAX_SEED = 2**62
 
 
@@ -245,15 +246,17 @@ def decode_codes(
 
 def decode_audio(audio: AudioIn, max_seconds: float) -> tuple[np.ndarray, int]:
     """PCM from the wire -> (mono samples, rate); the length limit is checked before decoding."""
+    if not MIN_SAMPLE_RATE <= audio.sample_rate <= MAX_SAMPLE_RATE:
+        raise ProtocolError(Code.INVALID_AUDIO, f"sample_rate {audio.sample_rate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
     raw_len = len(audio.data) * 3 // 4
     width = 2 if audio.format == "s16le" else 4
-    if audio.sample_rate > 0 and raw_len / width / audio.sample_rate > max_seconds + 1:
+    if raw_len / width / audio.sample_rate > max_seconds + 1:
         raise ProtocolError(Code.AUDIO_TOO_LONG, f"audio is longer than {max_seconds:g} s")
     raw = _b64(audio.data, "audio")
     if len(raw) % width:
         raise ProtocolError(Code.BAD_MESSAGE, f"audio: {audio.format} data must be a multiple of {width} bytes")
     samples = np.frombuffer(raw, dtype="<i2" if width == 2 else "<f4")
-    if audio.sample_rate > 0 and len(samples) / audio.sample_rate > max_seconds:
+    if len(samples) / audio.sample_rate > max_seconds:
         raise ProtocolError(Code.AUDIO_TOO_LONG, f"audio is {len(samples) / audio.sample_rate:.1f} s, at most {max_seconds:g} s")
     return samples.astype(np.int16 if width == 2 else np.float32), audio.sample_rate
 

@@ -68,8 +68,7 @@ async def conversation_stream(request: web.Request) -> web.StreamResponse:
                 Code.TOO_MANY_CONVERSATIONS,
                 f"at most {state.limits.max_conversations_per_key} open conversations per API key",
             )
-    except ProtocolError as e:
-        state.metrics.errors.labels(e.code).inc()
+    except ProtocolError as e:  # (counted by the error middleware)
         return error_response(e.code, e.message)
     ws = web.WebSocketResponse(
         max_msg_size=state.limits.max_message_bytes, heartbeat=state.config.heartbeat_s, compress=False
@@ -116,7 +115,7 @@ class Connection:
                 elif msg.type == WSMsgType.BINARY:
                     await self.send_error(None, Code.BAD_MESSAGE, "binary messages are not accepted; send JSON text messages")
                 elif msg.type == WSMsgType.ERROR:
-                    if self.ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
+                    if WSCloseCode.MESSAGE_TOO_BIG in (getattr(msg.data, "code", None), self.ws.close_code):
                         state.metrics.errors.labels(Code.MESSAGE_TOO_BIG).inc()
                         log.info("closed a stream: a message was over %d bytes", state.limits.max_message_bytes)
                     break

@@ -1,0 +1,395 @@
+"""The server in-process on loopback: auth, the stream protocol, limits, fuzzed and oversized
+messages, disconnects, the WAV endpoint, metrics, configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import wave
+
+import aiohttp
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from csm_plugin.cli import build_parser
+from csm_plugin.server.config import ConfigError, ServerConfig
+from csm_plugin.server.protocol import encode_codes, history_digest
+from test_server_support import AUTH, KEY, OTHER_KEY, metric_value, poll, running_server, scrape
+
+KNOWN_CODES = {
+    "bad_message", "not_open", "text_too_long", "audio_too_long", "invalid_input", "invalid_audio",
+    "unknown_voice", "busy", "history_too_long", "context_too_long",
+}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def pcm16(seconds: float, rate: int = 16_000) -> str:
+    t = np.arange(int(seconds * rate)) / rate
+    return base64.b64encode((8000 * np.sin(2 * np.pi * 220 * t)).astype("<i2").tobytes()).decode()
+
+
+class Stream:
+    """A raw protocol client: one WebSocket, messages in order."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+        self.ws = ws
+        self.next_id = 0
+
+    @classmethod
+    async def connect(cls, session, url, conversation="c1", headers=AUTH):
+        return cls(await session.ws_connect(f"{url}/v1/conversations/{conversation}/stream", headers=headers))
+
+    async def send(self, **message) -> int:
+        self.next_id += 1
+        await self.ws.send_json({**message, "id": self.next_id})
+        return self.next_id
+
+    async def json(self, timeout=30) -> dict:
+        msg = await self.ws.receive(timeout=timeout)
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        return json.loads(msg.data)
+
+    async def request(self, **message) -> dict:
+        rid = await self.send(**message)
+        reply = await self.json()
+        assert reply["re"] == rid, reply
+        return reply
+
+    async def reply(self, first_chunk=None, **speak) -> tuple[list[dict], list[bytes], dict]:
+        """Send speak (unless already sent) and read its chunks up to `done`."""
+        if first_chunk is None:
+            await self.send(type="speak", **speak)
+        headers, pcm = [], []
+        while True:
+            msg = await self.ws.receive(timeout=60)
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                assert headers and len(msg.data) == 2 * headers[-1]["samples"]
+                pcm.append(msg.data)
+                if first_chunk is not None:
+                    first_chunk.set()
+                continue
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg
+            data = json.loads(msg.data)
+            if data["type"] == "chunk":
+                headers.append(data)
+            elif data["type"] == "done":
+                return headers, pcm, data
+            else:
+                raise AssertionError(data)
+
+
+def test_no_key_or_wrong_key_is_401_and_nothing_is_generated(hf_checkpoint):
+    async def main():
+        async with running_server(hf_checkpoint) as (url, state), aiohttp.ClientSession() as s:
+            for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"}, {"Authorization": f"Basic {KEY}"},
+                            {"Authorization": "Bearer"}):
+                async with s.get(url + "/v1/info", headers=headers) as r:
+                    assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"
+                    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+                async with s.post(url + "/v1/speech", headers=headers, json={"text": "Hello there."}) as r:
+                    assert r.status == 401
+                with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                    await s.ws_connect(url + "/v1/conversations/c1/stream", headers=headers)
+                assert e.value.status == 401
+            text = await scrape(s, url)
+            assert metric_value(text, "csm_errors_total", {"code": "unauthorized"}) == 12
+            assert metric_value(text, "csm_audio_seconds_total") == 0
+            assert len(state.sessions) == 0 and state.active_streams == 0
+            async with s.get(url + "/v1/info", headers=AUTH) as r:  # the right key works
+                assert r.status == 200 and (await r.json())["sample_rate"] == 24_000
+
+    run(main())
+
+
+def test_stream_protocol_round_trip(hf_checkpoint):
+    async def main():
+        async with running_server(hf_checkpoint) as (url, state), aiohttp.ClientSession() as s:
+            c = await Stream.connect(s, url)
+            assert (await c.request(type="speak", text="Too early."))["code"] == "not_open"
+            ready = await c.request(type="open")
+            assert ready["type"] == "ready" and ready["state"] == "created" and ready["turns"] == 0
+            added = await c.request(type="add_segment", speaker=1, text="Hi, my parcel is late.",
+                                    audio={"sample_rate": 16_000, "data": pcm16(1.0)})
+            assert added["type"] == "added" and added["turns"] == 1 and added["segment"]["codes"]["frames"] == 13
+            headers, pcm, done = await c.reply(text="Sorry to hear that.", seed=1, max_audio_ms=480)
+            assert done["reason"] == "completed" and done["error"] is None and done["turns"] == 2
+            assert done["frames"] == len(pcm) == len(headers) == 6 and all(len(p) == 2 * 1920 for p in pcm)
+            assert [h["start_ms"] for h in headers] == [80 * i for i in range(6)]
+            session = state.sessions.get(state.keys.authenticate(AUTH["Authorization"]).key_id, "c1")
+            recorded = session.conv.history[-1]
+            assert done["segment"]["codes"] == encode_codes(recorded.codes) and done["segment"]["origin"] == "agent"
+            # barge-in after the reply: trimmed to the frames played, on both sides
+            trimmed = await c.request(type="interrupt", played_ms=170)
+            assert trimmed["changed"] and trimmed["segment"]["codes"]["frames"] == 3 and trimmed["segment"]["text"] == "Sorry"
+            assert session.conv.history[-1].codes.shape[0] == 3
+            # the same stream goes on with another turn; chunk_frames groups frames
+            headers, pcm, done = await c.reply(text="Let me check.", seed=2, max_audio_ms=480, chunk_frames=2)
+            assert done["frames"] == 6 and len(pcm) == 3 and done["turns"] == 3
+            closed = await c.request(type="close")
+            assert closed["type"] == "closed"
+            assert (await c.ws.receive()).type == aiohttp.WSMsgType.CLOSE
+            assert len(state.sessions) == 0
+
+    run(main())
+
+
+def test_reconnect_resumes_or_asks_for_a_restore(hf_checkpoint):
+    async def main():
+        async with running_server(hf_checkpoint) as (url, state), aiohttp.ClientSession() as s:
+            c = await Stream.connect(s, url)
+            await c.request(type="open")
+            added = await c.request(type="add_segment", speaker=1, text="Hello.")
+            await c.ws.close()
+            turns = [(_segment(added["segment"]), "user")]
+            # same state: resumed; a different digest: the server drops its copy and says so
+            c = await Stream.connect(s, url)
+            resumed = await c.request(type="open", turns=1, digest=history_digest({}, turns))
+            assert resumed["state"] == "resumed" and resumed["turns"] == 1
+            await c.ws.close()
+            c = await Stream.connect(s, url)
+            stale = await c.request(type="open", turns=1, digest="0" * 32)
+            assert stale["type"] == "error" and stale["code"] == "unknown_conversation"
+            restored = await c.request(type="restore", history=[added["segment"], {"speaker": 0, "text": "Hi!", "origin": "agent"}])
+            assert restored["state"] == "restored" and restored["turns"] == 2
+            # another key never sees this key's conversation
+            other = await Stream.connect(s, url, headers={"Authorization": f"Bearer {OTHER_KEY}"})
+            unknown = await other.request(type="open", turns=2, digest=history_digest({}, turns))
+            assert unknown["code"] == "unknown_conversation"
+            # a second socket for the same conversation takes it over
+            c2 = await Stream.connect(s, url)
+            assert (await c2.request(type="open", turns=2, digest=state.sessions.sessions()[0].digest()))["state"] == "resumed"
+            assert (await c.ws.receive(timeout=10)).type == aiohttp.WSMsgType.CLOSE and c.ws.close_code == 4000
+
+    run(main())
+
+
+def _segment(data):
+    from csm_plugin.server.protocol import segment_in
+
+    return segment_in(data)[0]
+
+
+def test_limits_have_clear_errors(hf_checkpoint):
+    async def main():
+        async with running_server(
+            hf_checkpoint, max_text_chars=50, max_audio_seconds=1.0, max_streams_per_key=1, max_conversations_per_key=2,
+            max_history_segments=2,
+        ) as (url, state), aiohttp.ClientSession() as s:
+            a = await Stream.connect(s, url, "a")
+            await a.request(type="open")
+            err = await a.request(type="speak", text="x" * 51)
+            assert err["code"] == "text_too_long" and "at most 50" in err["message"]
+            err = await a.request(type="add_segment", speaker=1, text="hi", audio={"sample_rate": 16_000, "data": pcm16(1.5)})
+            assert err["code"] == "audio_too_long"
+            err = await a.request(type="add_segment", speaker=1, text="hi", audio={"sample_rate": 16_000, "data": "%%%"})
+            assert err["code"] == "bad_message" and "base64" in err["message"]
+            err = await a.request(type="add_segment", speaker=1, text="hi", audio={"sample_rate": 3, "data": pcm16(0.001)})
+            assert err["code"] == "invalid_audio"
+            err = await a.request(type="add_segment", speaker=1, text="hi", codes={"frames": 2, "data": base64.b64encode(b"\xff" * 128).decode()})
+            assert err["code"] == "bad_message" and "below" in err["message"]
+            done = await a.request(type="speak", text="Hello.", temperature=-1)
+            assert done["type"] == "done" and done["error"]["code"] == "invalid_input" and done["segment"] is None
+            err = await a.request(type="restore", history=[{"speaker": 1, "text": "a"}] * 3)
+            assert err["code"] == "history_too_long"
+            err = await a.request(type="open", voices={"0": "nobody"})
+            assert err["code"] in ("unknown_voice", "bad_message")
+            # one reply at a time per key: b's speak is refused while a's runs
+            b = await Stream.connect(s, url, "b")
+            await b.request(type="open")
+            await a.send(type="speak", text="A long enough reply to overlap.", seed=1, max_audio_ms=4000)
+            await poll(lambda: state.active_streams == 1)
+            err = await b.request(type="speak", text="Me too.")
+            assert err["code"] == "too_many_streams"
+            err = await a.request(type="add_segment", speaker=1, text="Wait.")
+            assert err["code"] == "busy"
+            # open conversations per key
+            with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                await s.ws_connect(url + "/v1/conversations/c/stream", headers=AUTH)
+            assert e.value.status == 429
+            await a.send(type="interrupt")
+            while (await a.json())["type"] != "done":
+                pass
+
+    run(main())
+
+
+# --- fuzzing ------------------------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+_fields = st.sampled_from(["text", "speaker", "seed", "temperature", "top_k", "played_ms", "audio", "codes", "history",
+                           "voices", "max_audio_ms", "chunk_frames", "id", "sample_rate", "data"])
+# Never open/restore/close: on a socket that is not open every message must be answered with an error.
+_typed = st.fixed_dictionaries(
+    {"type": st.sampled_from(["speak", "add_segment", "interrupt", "bogus", "", 7, None])},
+    optional={"id": st.integers(-5, 2**40)},
+).flatmap(lambda base: st.dictionaries(_fields, _json, max_size=4).map(lambda extra: {**extra, **base}))
+_messages = st.one_of(
+    st.text(max_size=200).map(lambda t: ("text", t)),
+    _json.map(lambda j: ("text", json.dumps(j))),
+    _typed.map(lambda d: ("text", json.dumps(d))),
+    st.binary(max_size=300).map(lambda b: ("binary", b)),
+)
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(messages=st.lists(_messages, min_size=15, max_size=40))
+def test_fuzzed_messages_get_errors_and_other_streams_keep_going(hf_checkpoint, messages):
+    async def main():
+        async with running_server(hf_checkpoint) as (url, state), aiohttp.ClientSession() as s:
+            talker = await Stream.connect(s, url, "talker")
+            await talker.request(type="open")
+            first = asyncio.Event()
+            await talker.send(type="speak", text="Keep talking while the other socket misbehaves.", seed=3, max_audio_ms=1600)
+            reply = asyncio.create_task(talker.reply(first_chunk=first))
+            await asyncio.wait_for(first.wait(), 30)
+            fuzz = await Stream.connect(s, url, "fuzz")
+            for kind, payload in messages:
+                await (fuzz.ws.send_str(payload) if kind == "text" else fuzz.ws.send_bytes(payload))
+                answer = await fuzz.json()
+                assert answer["type"] == "error" and answer["code"] in KNOWN_CODES, answer
+            headers, pcm, done = await reply
+            assert done["reason"] == "completed" and done["frames"] == len(pcm) == 20
+            # the fuzzed socket still works
+            assert (await fuzz.request(type="open"))["type"] == "ready"
+            _, pcm, done = await fuzz.reply(text="Still fine.", seed=4, max_audio_ms=240)
+            assert done["frames"] == len(pcm) == 3
+
+    run(main())
+
+
+def test_oversized_message_closes_only_its_stream(hf_checkpoint):
+    async def main():
+        async with running_server(hf_checkpoint, max_message_bytes=64 * 1024) as (url, state), aiohttp.ClientSession() as s:
+            talker = await Stream.connect(s, url, "talker")
+            await talker.request(type="open")
+            first = asyncio.Event()
+            await talker.send(type="speak", text="Keep talking while the other one shouts.", seed=3, max_audio_ms=1200)
+            reply = asyncio.create_task(talker.reply(first_chunk=first))
+            await asyncio.wait_for(first.wait(), 30)
+            big = await Stream.connect(s, url, "big")
+            await big.ws.send_str(json.dumps({"type": "add_segment", "speaker": 1, "text": "x", "audio": {"sample_rate": 16000, "data": "A" * 100_000}}))
+            msg = await big.ws.receive(timeout=10)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and big.ws.close_code == 1009  # "message too big"
+            _, pcm, done = await reply
+            assert done["reason"] == "completed" and done["frames"] == len(pcm) == 15
+            assert metric_value(await scrape(s, url), "csm_errors_total", {"code": "message_too_big"}) == 1
+            async with s.post(url + "/v1/speech", headers=AUTH, data=b"{" + b" " * 100_000 + b"}") as r:
+                assert r.status == 413 and (await r.json())["error"]["code"] == "message_too_big"
+
+    run(main())
+
+
+# --- disconnects --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+def test_disconnect_mid_reply_stops_the_stream(hf_checkpoint, how):
+    async def main():
+        async with running_server(hf_checkpoint) as (url, state), aiohttp.ClientSession() as s:
+            c = await Stream.connect(s, url, "leaver")
+            await c.request(type="open")
+            await c.send(type="speak", text="This reply is long and nobody will hear the end of it.", seed=5, max_audio_ms=8000)
+            while (await c.ws.receive(timeout=30)).type != aiohttp.WSMsgType.BINARY:
+                pass
+            assert metric_value(await scrape(s, url), "csm_active_streams") == 1
+            if how == "close":
+                await c.ws.close()
+            else:
+                c.ws._response.connection.transport.abort()
+
+            async def stopped():
+                return metric_value(await scrape(s, url), "csm_active_streams") == 0
+
+            elapsed = await poll(stopped, timeout=10)
+            print(f"active streams back to 0 {1000 * elapsed:.0f} ms after the client left ({how})")
+            text = await scrape(s, url)
+            assert metric_value(text, "csm_streams_total", {"outcome": "cancelled"}) == 1
+            assert metric_value(text, "csm_audio_seconds_total") < 8.0  # far from the whole reply
+            await poll(lambda: not state.service._worker._streams, timeout=10)  # the engine stopped too
+
+    run(main())
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+def test_wav_endpoint(hf_checkpoint):
+    async def main():
+        async with running_server(hf_checkpoint) as (url, state), aiohttp.ClientSession() as s:
+            codes = encode_codes(torch.randint(0, 2048, (4, 32)))
+            body = {"text": "Here you go.", "seed": 1, "max_audio_ms": 400,
+                    "context": [{"speaker": 1, "text": "Can I have it?", "audio": {"sample_rate": 16000, "data": pcm16(0.5)}},
+                                {"speaker": 0, "text": "Sure.", "origin": "agent", "codes": codes}]}
+            async with s.post(url + "/v1/speech", headers=AUTH, json=body) as r:
+                assert r.status == 200 and r.content_type == "audio/wav" and r.headers["X-CSM-Frames"] == "5"
+                with wave.open(io.BytesIO(await r.read())) as w:
+                    assert (w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()) == (24_000, 1, 2, 5 * 1920)
+            for bad, code in (({"text": ""}, "invalid_input"), ({"txt": "hi"}, "bad_message"), ({"text": 5}, "bad_message")):
+                async with s.post(url + "/v1/speech", headers=AUTH, json=bad) as r:
+                    assert r.status == 400 and (await r.json())["error"]["code"] == code
+            async with s.post(url + "/v1/speech", headers=AUTH, data=b"not json") as r:
+                assert r.status == 400 and (await r.json())["error"]["code"] == "bad_message"
+            assert len(state.sessions) == 0 and not state.service._conversations  # nothing left behind
+
+    run(main())
+
+
+def test_health_readiness_and_metrics(hf_checkpoint):
+    async def main():
+        async with running_server(hf_checkpoint) as (url, state), aiohttp.ClientSession() as s:
+            async with s.get(url + "/healthz") as r:
+                assert r.status == 200
+            async with s.get(url + "/readyz") as r:
+                assert r.status == 200 and (await r.json())["ready"]
+            c = await Stream.connect(s, url)
+            await c.request(type="open")
+            await c.reply(text="Measure me.", seed=1, max_audio_ms=400)
+            text = await scrape(s, url)
+            for name in ("csm_time_to_first_audio_seconds_count", "csm_frame_interval_seconds_count", "csm_real_time_factor_count"):
+                assert metric_value(text, name) >= 1, name
+            assert metric_value(text, "csm_streams_total", {"outcome": "completed"}) == 1
+            assert metric_value(text, "csm_open_connections") == 1 and metric_value(text, "csm_ready") == 1
+            state.draining = True
+            async with s.get(url + "/readyz") as r:
+                assert r.status == 503
+            with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                await s.ws_connect(url + "/v1/conversations/late/stream", headers=AUTH)
+            assert e.value.status == 503
+            assert (await c.request(type="speak", text="More?"))["code"] == "draining"
+
+    run(main())
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+def test_config_sources_and_safety(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\n" + KEY + "\n\n")
+    env = {"CSM_API_KEYS_FILE": str(keys), "CSM_PORT": "9000", "CSM_LIMIT_MAX_TEXT_CHARS": "77"}
+    config = ServerConfig.load(environ=env)
+    assert config.host == "127.0.0.1" and config.binds_loopback_only and config.port == 9000
+    assert config.keys() == [KEY] and config.limits.max_text_chars == 77
+    file = tmp_path / "server.json"
+    file.write_text(json.dumps({"port": 9100, "limits": {"max_streams_per_key": 3}}))
+    config = ServerConfig.load(file, environ={"CSM_API_KEYS": f"{KEY},{OTHER_KEY}"}, port=9200)
+    assert config.port == 9200 and config.limits.max_streams_per_key == 3 and config.keys() == [KEY, OTHER_KEY]
+    with pytest.raises(ConfigError, match="no API keys"):
+        ServerConfig.load(environ={}).keys()
+    with pytest.raises(ConfigError, match="at least 16"):
+        ServerConfig.load(environ={"CSM_API_KEYS": "short"}).keys()
+    with pytest.raises(ConfigError):
+        ServerConfig.load(environ={}, max_text_chars=0)
+    assert ServerConfig.load(environ={}, allow_no_auth=True).keys() == []
+    assert not ServerConfig.load(environ={}, host="0.0.0.0").binds_loopback_only
+    args = build_parser().parse_args(["serve", "--model", "m", "--port", "0", "--no-auth"])
+    assert args.func.__name__ == "cmd_serve" and args.host is None and args.no_auth
