@@ -66,15 +66,15 @@ class RemoteError(CSMError):
         self.code = code
 
 
-class AuthenticationError(RemoteError, PermissionError):
+class AuthenticationError(RemoteError):
     """The server refused the API key (HTTP 401)."""
 
 
-class ServerUnavailableError(RemoteError, ConnectionError):
+class ServerUnavailableError(RemoteError):
     """No server answered within reconnect_timeout (or ready_timeout at start)."""
 
 
-class ConnectionLostError(RemoteError, ConnectionError):
+class ConnectionLostError(RemoteError):
     """The socket broke while a reply's audio was flowing; the history keeps what was delivered."""
 
 
@@ -203,11 +203,12 @@ class RemoteBackend:
                         self.info = await response.json()
                         return self
                     last = await _error_from_response(response)
-                    if response.status == 401:
-                        raise last
             except _NETWORK_ERRORS as e:
                 last = e
-            if loop.time() + delay > deadline:
+            if isinstance(last, AuthenticationError) or loop.time() + delay > deadline:
+                await self.close()
+                if isinstance(last, AuthenticationError):
+                    raise last
                 raise ServerUnavailableError(f"no ready server at {self.url} within {self.ready_timeout:g} s: {last}", Code.NOT_READY)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.retry_max)
