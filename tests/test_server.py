@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from csm_plugin.cli import build_parser
 from csm_plugin.server.config import ConfigError, ServerConfig
 from csm_plugin.server.protocol import encode_codes, history_digest
-from test_server_support import AUTH, KEY, OTHER_KEY, metric_value, poll, running_server, scrape
+from test_server_support import AUTH, KEY, OTHER_KEY, Stream, metric_value, poll, running_server, scrape
 
 KNOWN_CODES = {
     "bad_message", "not_open", "text_too_long", "audio_too_long", "invalid_input", "invalid_audio",
@@ -34,56 +34,6 @@ def run(coro):
 def pcm16(seconds: float, rate: int = 16_000) -> str:
     t = np.arange(int(seconds * rate)) / rate
     return base64.b64encode((8000 * np.sin(2 * np.pi * 220 * t)).astype("<i2").tobytes()).decode()
-
-
-class Stream:
-    """A raw protocol client: one WebSocket, messages in order."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
-        self.ws = ws
-        self.next_id = 0
-
-    @classmethod
-    async def connect(cls, session, url, conversation="c1", headers=AUTH):
-        return cls(await session.ws_connect(f"{url}/v1/conversations/{conversation}/stream", headers=headers))
-
-    async def send(self, **message) -> int:
-        self.next_id += 1
-        await self.ws.send_json({**message, "id": self.next_id})
-        return self.next_id
-
-    async def json(self, timeout=30) -> dict:
-        msg = await self.ws.receive(timeout=timeout)
-        assert msg.type == aiohttp.WSMsgType.TEXT, msg
-        return json.loads(msg.data)
-
-    async def request(self, **message) -> dict:
-        rid = await self.send(**message)
-        reply = await self.json()
-        assert reply["re"] == rid, reply
-        return reply
-
-    async def reply(self, first_chunk=None, **speak) -> tuple[list[dict], list[bytes], dict]:
-        """Send speak (unless already sent) and read its chunks up to `done`."""
-        if first_chunk is None:
-            await self.send(type="speak", **speak)
-        headers, pcm = [], []
-        while True:
-            msg = await self.ws.receive(timeout=60)
-            if msg.type == aiohttp.WSMsgType.BINARY:
-                assert headers and len(msg.data) == 2 * headers[-1]["samples"]
-                pcm.append(msg.data)
-                if first_chunk is not None:
-                    first_chunk.set()
-                continue
-            assert msg.type == aiohttp.WSMsgType.TEXT, msg
-            data = json.loads(msg.data)
-            if data["type"] == "chunk":
-                headers.append(data)
-            elif data["type"] == "done":
-                return headers, pcm, data
-            else:
-                raise AssertionError(data)
 
 
 def test_no_key_or_wrong_key_is_401_and_nothing_is_generated(hf_checkpoint):

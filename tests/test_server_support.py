@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -80,6 +81,56 @@ def metric_value(text: str, name: str, labels: dict | None = None) -> float:
 async def scrape(session: aiohttp.ClientSession, url: str) -> str:
     async with session.get(url + "/metrics") as r:
         return await r.text()
+
+
+class Stream:
+    """A raw protocol client: one WebSocket, messages in order."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+        self.ws = ws
+        self.next_id = 0
+
+    @classmethod
+    async def connect(cls, session, url, conversation="c1", headers=AUTH):
+        return cls(await session.ws_connect(f"{url}/v1/conversations/{conversation}/stream", headers=headers))
+
+    async def send(self, **message) -> int:
+        self.next_id += 1
+        await self.ws.send_json({**message, "id": self.next_id})
+        return self.next_id
+
+    async def json(self, timeout=30) -> dict:
+        msg = await self.ws.receive(timeout=timeout)
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        return json.loads(msg.data)
+
+    async def request(self, **message) -> dict:
+        rid = await self.send(**message)
+        reply = await self.json()
+        assert reply["re"] == rid, reply
+        return reply
+
+    async def reply(self, first_chunk=None, **speak) -> tuple[list[dict], list[bytes], dict]:
+        """Send speak (unless already sent) and read its chunks up to `done`."""
+        if first_chunk is None:
+            await self.send(type="speak", **speak)
+        headers, pcm = [], []
+        while True:
+            msg = await self.ws.receive(timeout=60)
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                assert headers and len(msg.data) == 2 * headers[-1]["samples"]
+                pcm.append(msg.data)
+                if first_chunk is not None:
+                    first_chunk.set()
+                continue
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg
+            data = json.loads(msg.data)
+            if data["type"] == "chunk":
+                headers.append(data)
+            elif data["type"] == "done":
+                return headers, pcm, data
+            else:
+                raise AssertionError(data)
 
 
 # --- subprocesses ------------------------------------------------------------------------------
