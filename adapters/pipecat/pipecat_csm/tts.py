@@ -1,0 +1,416 @@
+"""CSMTTSService: Sesame CSM speech for Pipecat pipelines, conditioned on the whole conversation.
+
+Drop it in where another TTS goes:
+
+    tts = CSMTTSService(settings=CSMTTSService.Settings(temperature=0.8))
+    pipeline = Pipeline([transport.input(), stt, context_aggregator.user(), llm, tts,
+                         transport.output(), context_aggregator.assistant()])
+
+The service keeps one csm-plugin conversation per pipeline. It listens to the frames the standard
+aggregators already send through it: each user turn (`LLMContextUserTurnFrame`) is added with the
+user's own audio for that turn (`InputAudioRawFrame`s between `UserStartedSpeakingFrame` and
+`UserStoppedSpeakingFrame`), and every reply is recorded as it is generated. On a barge-in the
+conversation keeps only the audio (and the words) that were played.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import soxr
+from loguru import logger
+
+from pipecat.frames.frames import (
+    ErrorFrame,
+    Frame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    LLMContextUserTurnFrame,
+    StartFrame,
+    TTSAudioRawFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.settings import TTSSettings
+from pipecat.services.tts_service import TTSService
+from pipecat.utils.types import NOT_GIVEN, NotGiven
+
+from csm_plugin.errors import CSMError
+
+MODEL_RATE = 24_000  # CSM / Mimi output rate
+FRAME_MS = 80  # one CSM frame
+PRE_ROLL_S = 0.5  # user audio kept from before the VAD fired (VAD start is late by its start_secs)
+
+# Wall clock for the playout estimate; a module attribute so tests can drive it.
+_clock = time.monotonic
+
+
+@dataclass
+class CSMTTSSettings(TTSSettings):
+    """Settings of CSMTTSService (runtime-updatable through `TTSUpdateSettingsFrame`).
+
+    Parameters:
+        model: checkpoint path or hub id; None = $CSM_MODEL, else sesame/csm-1b (load time only).
+        voice: name of a voice prompt registered with the backend (`add_voice`), pinned as the
+            agent's speaker at the start of the conversation (new conversations only).
+        speaker: the agent's CSM speaker id.
+        user_speaker: the user's CSM speaker id.
+        temperature, top_k: sampling.
+        seed: base seed; the n-th reply of this service (from 0) uses seed + n. None = random.
+        max_audio_ms: cap on each reply's audio (None: the model's limit for the text).
+        context_budget: positions a conversation's context may use (an engine option, load time
+            only; None = the model's 2048).
+        max_user_audio_s: user turns with more audio than this are recorded as text only.
+    """
+
+    speaker: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    user_speaker: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    temperature: float | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    top_k: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    seed: int | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    max_audio_ms: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    context_budget: int | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    max_user_audio_s: float | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+
+
+_RELOAD_FIELDS = {"model", "context_budget"}  # need a new engine
+_NEW_CONVERSATION_FIELDS = {"voice"}  # pinned when the conversation is created
+
+
+@dataclass
+class _Utterance:
+    """One run_tts call: where its audio sits in its turn's audio, and how much it produced."""
+
+    offset_ms: float
+    ms: float = 0.0
+    trimmed: bool = False
+
+
+@dataclass
+class _Playout:
+    """Audio of one turn (TTS context) as a real-time sink plays it: each pushed chunk starts
+    when the previous one ends, or when it is pushed if the sink ran dry."""
+
+    interruptible: bool = True
+    chunks: list[tuple[float, float]] = field(default_factory=list)  # (start s, duration ms)
+    end: float = 0.0
+    utterances: list[_Utterance] = field(default_factory=list)
+
+    def push(self, now: float, ms: float) -> None:
+        start = max(now, self.end)
+        self.chunks.append((start, ms))
+        self.end = start + ms / 1000
+
+    def played_ms(self, now: float) -> float:
+        return sum(min(ms, max(0.0, (now - start) * 1000)) for start, ms in self.chunks)
+
+
+class CSMTTSService(TTSService):
+    """Pipecat TTS service backed by csm-plugin (Sesame CSM-1B), context-aware and streaming.
+
+    Engine placement: by default the process-wide in-process service
+    (`csm_plugin.backend.shared_service`, loaded once and shared by every pipeline of the
+    process); `url=` uses a csm-plugin server through `csm_plugin.client.RemoteBackend`;
+    `backend=` takes any started-or-not `SpeechBackend` (for example a `CSMService`).
+    """
+
+    Settings = CSMTTSSettings
+    _settings: Settings
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        backend: Any | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        engine_options: Mapping[str, Any] | None = None,
+        conversation_id: str | None = None,
+        settings: Settings | None = None,
+        **kwargs,
+    ):
+        """Args:
+        url: a csm-plugin server (`ws://host:port/...`) instead of the in-process engine.
+        api_key: the server's API key, with `url`.
+        backend: an explicit SpeechBackend (overrides url and the shared engine).
+        device, dtype: where the in-process engine runs ("cuda", "bfloat16"...).
+        engine_options: other `CSMService` options (max_cached_conversations, ...).
+        conversation_id: id of this pipeline's conversation (default: a fresh uuid).
+        settings: see `CSMTTSService.Settings`.
+        **kwargs: `TTSService` options (sample_rate, text_aggregation_mode, ...).
+        """
+        store = self.Settings(
+            model=None,
+            voice=None,
+            language=None,
+            speaker=0,
+            user_speaker=1,
+            temperature=0.9,
+            top_k=50,
+            seed=None,
+            max_audio_ms=None,
+            context_budget=None,
+            max_user_audio_s=20.0,
+        )
+        if settings is not None:
+            store.apply_update(settings)
+        kwargs.setdefault("stop_frame_timeout_s", 10.0)  # a CPU prefill can take seconds
+        super().__init__(
+            push_start_frame=True,
+            push_stop_frames=True,
+            push_text_frames=False,  # words come with timestamps instead
+            settings=store,
+            **kwargs,
+        )
+        self._url, self._api_key, self._backend = url, api_key, backend
+        self._owns_backend = backend is None and url is not None
+        self._device, self._dtype = device, dtype
+        self._engine_options = dict(engine_options or {})
+        self._conversation_id = conversation_id or f"pipecat-{uuid.uuid4().hex}"
+        self._conversation = None
+        self._closed = False
+        self._open_task: asyncio.Task | None = None
+        self._user_turn_task: asyncio.Task | None = None
+        self._replies = 0
+        self._speech = None  # the reply generator being consumed, if any
+        self._playouts: dict[str, _Playout] = {}
+        # User audio of the current turn.
+        self._user_speaking = False
+        self._user_rate = 0
+        self._user_audio: list[bytes] = []
+        self._pre_roll: deque[bytes] = deque()
+
+    # --- public ---------------------------------------------------------------------------
+
+    @property
+    def conversation(self):
+        """This pipeline's conversation (a csm-plugin ConversationHandle), None until opened. Its
+        cache is released when the pipeline ends; its history stays readable."""
+        return self._conversation
+
+    async def wait_ready(self):
+        """Wait until the engine is loaded and the conversation open; returns the conversation,
+        or None if loading failed (that failure was logged and pushed as an ErrorFrame)."""
+        if self._open_task is None:
+            self._open_task = asyncio.ensure_future(self._open())
+        return await asyncio.shield(self._open_task)
+
+    def can_generate_metrics(self) -> bool:
+        return True
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        # Load in the background: the pipeline starts at once, the first reply waits for it.
+        if self._open_task is None:
+            self._open_task = self.create_task(self._open(), name="csm-open")
+
+    async def _open(self):
+        try:
+            backend = self._backend
+            if backend is None and self._url is not None:
+                from csm_plugin.client import RemoteBackend  # noqa: PLC0415 - optional, remote mode only
+
+                backend = RemoteBackend(self._url, api_key=self._api_key)
+            if backend is None:
+                from csm_plugin.backend import shared_service  # noqa: PLC0415
+
+                options = dict(self._engine_options)
+                if self._settings.context_budget is not None:
+                    options["context_budget"] = self._settings.context_budget
+                backend = await shared_service(self._settings.model, device=self._device, dtype=self._dtype, **options)
+            else:
+                backend = await backend.start() or backend
+            self._backend = backend
+            voices = {self._settings.speaker: self._settings.voice} if self._settings.voice else None
+            self._conversation = backend.conversation(self._conversation_id, voices=voices)
+            logger.info(f"{self}: conversation {self._conversation_id} ready")
+            return self._conversation
+        except Exception as e:
+            where = self._url or self._settings.model or "the default CSM model"
+            logger.error(f"{self}: could not load CSM ({where}): {type(e).__name__}: {e}")
+            # Permanent: the service stops taking text, so no turn waits on a model that is not there.
+            await self.push_error(f"CSM TTS could not load {where}: {e}", exception=e, force_treat_as_permanent=True)
+            return None
+
+    async def stop(self, frame):
+        await super().stop(frame)
+        await self._close()
+
+    async def cancel(self, frame):
+        await super().cancel(frame)
+        await self._close()
+
+    async def _close(self) -> None:
+        await self._stop_speech()
+        conv, self._closed = (None if self._closed else self._conversation), True
+        if self._open_task is not None and not self._open_task.done():
+            await self.cancel_task(self._open_task)
+        try:
+            if conv is not None:
+                await conv.close()
+            if self._owns_backend and self._backend is not None:
+                await self._backend.close()
+        except Exception as e:  # noqa: BLE001 - teardown must not fail the pipeline
+            logger.warning(f"{self}: closing the conversation failed: {e}")
+
+    # --- settings -------------------------------------------------------------------------
+
+    async def _update_settings(self, delta: Settings) -> dict[str, Any]:
+        changed = await super()._update_settings(delta)
+        self._warn_unhandled_updated_settings(set(changed) & (_RELOAD_FIELDS | _NEW_CONVERSATION_FIELDS))
+        return changed  # sampling, speakers and limits apply from the next reply on
+
+    # --- observing the conversation -------------------------------------------------------
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        if isinstance(frame, InputAudioRawFrame):
+            self._on_user_audio(frame)
+        elif isinstance(frame, UserStartedSpeakingFrame):
+            if not self._user_speaking:
+                self._user_speaking = True
+                self._user_audio.extend(self._pre_roll)
+                self._pre_roll.clear()
+        elif isinstance(frame, UserStoppedSpeakingFrame):
+            self._user_speaking = False
+
+        await super().process_frame(frame, direction)
+
+        if isinstance(frame, InterruptionFrame):
+            await self._on_interruption()
+        elif isinstance(frame, LLMContextUserTurnFrame) and direction == FrameDirection.DOWNSTREAM:
+            self._queue_user_turn(frame.text)
+
+    def _on_user_audio(self, frame: InputAudioRawFrame) -> None:
+        if frame.num_channels != 1 or not frame.audio:
+            return
+        if frame.sample_rate != self._user_rate:  # a new input format starts a new buffer
+            self._user_rate, self._user_audio = frame.sample_rate, []
+            self._pre_roll.clear()
+        if self._user_speaking:
+            self._user_audio.append(frame.audio)
+        else:
+            self._pre_roll.append(frame.audio)
+            while sum(map(len, self._pre_roll)) > PRE_ROLL_S * self._user_rate * 2:
+                self._pre_roll.popleft()
+
+    def _queue_user_turn(self, text: str) -> None:
+        """Record the user's turn (with its audio) in order, without holding up the frames."""
+        pcm = np.frombuffer(b"".join(self._user_audio), dtype=np.int16)
+        rate = self._user_rate
+        self._user_audio = []
+        if not text.strip():
+            return
+        if len(pcm) > self._settings.max_user_audio_s * rate:
+            logger.debug(f"{self}: user turn has {len(pcm) / rate:.1f} s of audio; recording its text only")
+            pcm = pcm[:0]
+        audio = pcm if len(pcm) >= rate * FRAME_MS // 1000 and rate else None
+        previous = self._user_turn_task
+
+        async def add() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            try:
+                conv = await self.wait_ready()
+                await conv.add_segment(self._settings.user_speaker, text, audio=audio, sample_rate=rate if audio is not None else None)
+            except Exception as e:  # noqa: BLE001 - a lost user turn must not stop the pipeline
+                logger.warning(f"{self}: could not add the user turn to the conversation: {e}")
+
+        self._user_turn_task = self.create_task(add(), name="csm-user-turn")
+
+    # --- speaking -------------------------------------------------------------------------
+
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        conv = await self.wait_ready()
+        if conv is None:
+            return  # the load failure was reported once, as an ErrorFrame
+        if self._user_turn_task is not None:
+            await asyncio.shield(self._user_turn_task)  # the user's turn is in the context first
+        await self.start_tts_usage_metrics(text)
+        s = self._settings
+        seed = None if s.seed is None else s.seed + self._replies
+        self._replies += 1
+        playout = self._playouts.setdefault(context_id, _Playout())
+        utterance = _Utterance(offset_ms=sum(u.ms for u in playout.utterances))
+        playout.utterances.append(utterance)
+        out_rate = self.sample_rate
+        resampler = None if out_rate == MODEL_RATE else soxr.ResampleStream(MODEL_RATE, out_rate, 1, dtype="int16", quality="HQ")
+        speech = conv.speak(text, speaker=s.speaker, temperature=s.temperature, top_k=s.top_k, seed=seed, max_audio_ms=s.max_audio_ms)
+        self._speech = speech
+        try:
+            async for chunk in speech:
+                end_ms = chunk.start_ms + chunk.duration_ms
+                utterance.ms = end_ms
+                words = [(w.text, (utterance.offset_ms + min(w.start_ms, end_ms - 1)) / 1000) for w in chunk.words]
+                if words:
+                    await self.add_word_timestamps(words, context_id)
+                pcm = chunk.pcm if resampler is None else resampler.resample_chunk(chunk.pcm)
+                if len(pcm):
+                    yield TTSAudioRawFrame(pcm.tobytes(), out_rate, 1, context_id=context_id)
+            if resampler is not None:
+                tail = resampler.resample_chunk(np.zeros(0, dtype=np.int16), last=True)
+                if len(tail):
+                    yield TTSAudioRawFrame(tail.tobytes(), out_rate, 1, context_id=context_id)
+        except CSMError as e:
+            logger.error(f"{self}: CSM could not speak {text!r}: {e}")
+            yield ErrorFrame(error=f"CSM TTS error: {e}")
+        finally:
+            if self._speech is speech:
+                self._speech = None
+            await speech.aclose()
+
+    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
+        await super().push_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame) and frame.context_id and direction == FrameDirection.DOWNSTREAM:
+            playout = self._playouts.setdefault(frame.context_id, _Playout())
+            playout.interruptible = frame.interruptible
+            playout.push(_clock(), 1000 * frame.num_frames / frame.sample_rate)
+
+    # --- barge-in -------------------------------------------------------------------------
+
+    async def _stop_speech(self) -> None:
+        """Close a reply left open at a yield (cancellation closes one waiting for a frame)."""
+        speech, self._speech = self._speech, None
+        if speech is not None:
+            try:
+                await speech.aclose()
+            except RuntimeError as e:  # still running in a task being torn down
+                logger.debug(f"{self}: reply generator close: {e}")
+
+    async def _on_interruption(self) -> None:
+        """The base class has cancelled run_tts and dropped queued audio. Make the conversation
+        keep what the listener heard: replies newest first, each trimmed to its played part."""
+        await self._stop_speech()
+        conv = self._conversation
+        now = _clock()
+        for context_id, playout in list(self._playouts.items()):
+            if conv is None or not playout.interruptible:
+                continue
+            played = playout.played_ms(now)
+            for u in reversed(playout.utterances):
+                if u.trimmed or u.ms == 0:
+                    continue
+                if played >= u.offset_ms + u.ms:
+                    break  # heard in full, and so was everything before it
+                if conv.speaking:  # a new (uninterruptible) reply began; leave the history alone
+                    break
+                await conv.interrupt(max(0.0, played - u.offset_ms))
+                u.trimmed = True
+            del self._playouts[context_id]
+
+    async def on_audio_context_completed(self, context_id: str):
+        await super().on_audio_context_completed(context_id)
+        # Keep the playout until it has played, so a late barge-in still trims this turn.
+        for cid, playout in list(self._playouts.items()):
+            if cid != context_id and playout.end < _clock():
+                del self._playouts[cid]
