@@ -157,3 +157,25 @@ def test_load_through_nginx_50_conversations(servers, workdir):
     assert figures["errors"] == 0, figures["error_examples"]
     assert figures["completed"] == 50 and figures["lost_turns"] == 0
     assert sum(per_server) == 100 + 2 * 0 and all(n > 0 for n in per_server)  # both servers took conversations
+
+
+@needs_nginx
+def test_deploy_examples_are_valid(tmp_path):
+    """docs/deploy/nginx.conf passes `nginx -t`; kubernetes.yaml parses and has the pieces."""
+    import subprocess
+
+    yaml = pytest.importorskip("yaml")
+
+    conf = (REPO / "docs" / "deploy" / "nginx.conf").read_text()
+    (tmp_path / "nginx.conf").write_text(conf)
+    result = subprocess.run([nginx_binary(), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                             "-e", str(tmp_path / "err.log"), "-g", f"pid {tmp_path / 'pid'};"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all((REPO / "docs" / "deploy" / "kubernetes.yaml").read_text()) if d]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("StatefulSet", "csm-server"), ("Service", "csm-servers"), ("Deployment", "csm-nginx")} <= kinds
+    headless = next(d for d in docs if d["metadata"]["name"] == "csm-servers")
+    assert headless["spec"]["clusterIP"] == "None"
+    nginx_conf = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["nginx.conf"]
+    assert "hash $csm_hash_key consistent;" in nginx_conf
