@@ -21,6 +21,7 @@ ConnectionLostError, and the history keeps what was heard, as the local service 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -705,8 +706,6 @@ def _voices_json(voices: Mapping[int, str]) -> dict[str, str]:
 
 
 def _b64(array: np.ndarray) -> str:
-    import base64
-
     return base64.b64encode(array.tobytes()).decode("ascii")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from ..errors import CSMError, InputError
+from ..errors import CSMError
 
 ENV_PREFIX = "CSM_"
 
@@ -169,8 +169,3 @@ def read_keys_file(path: Path) -> list[str]:
         raise ConfigError(f"cannot read API keys file {path}: {e}") from e
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
-
-def check_voice_name(name: object) -> str:
-    if not isinstance(name, str) or not name:
-        raise InputError("a voice name must be a non-empty string")
-    return name
