@@ -13,7 +13,8 @@ import os
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Generator, Hashable, Iterator
+from types import GeneratorType
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -82,10 +83,10 @@ def sample_topk(
     return torch.where(top_k == 1, logits.argmax(-1), sampled)
 
 
-class Generator:
+class FrameGenerator:
     """Runs a CSM model for streams that each own a backbone cache slot.
 
-    Not thread-safe: one thread owns a Generator (the service's inference worker).
+    Not thread-safe: one thread owns a FrameGenerator (the service's inference worker).
     """
 
     def __init__(self, model: CSM, slots: int = 1):
@@ -185,7 +186,12 @@ class Slot:
 
     owner: Hashable | None = None
     segments: list[CachedSegment] = field(default_factory=list)
-    streaming: bool = False  # a stream is generating into it: not evictable
+    streaming: bool = False  # a reply is generating into it
+    busy: bool = False  # a chunked prefill is writing into it
+
+    @property
+    def in_use(self) -> bool:
+        return self.streaming or self.busy
 
     @property
     def end(self) -> int:
@@ -219,11 +225,12 @@ class Engine:
     conversations' context prefixes. Synchronous and single-threaded: the service's inference
     worker owns it; nothing here knows about asyncio."""
 
-    def __init__(self, checkpoint: LoadedCheckpoint, slots: int = 1):
+    def __init__(self, checkpoint: LoadedCheckpoint, slots: int = 1, prefill_chunk: int = 256):
         self.checkpoint = checkpoint
+        self.prefill_chunk = prefill_chunk
         self.tokenizer = checkpoint.tokenizer
         self.codec = checkpoint.codec
-        self.generator = Generator(checkpoint.model, slots=slots)
+        self.generator = FrameGenerator(checkpoint.model, slots=slots)
         self.slots = [Slot() for _ in range(slots)]
         self._lru: OrderedDict[Hashable, int] = OrderedDict()
 
@@ -254,12 +261,14 @@ class Engine:
     def slot_for(self, owner: Hashable) -> int:
         """The slot `owner` holds, or a free one, or the least recently used one (evicted)."""
         if owner in self._lru:
+            if self.slots[self._lru[owner]].busy:
+                raise SlotsBusyError(f"the cache of {owner!r} is being prefilled")
             self._lru.move_to_end(owner)
             return self._lru[owner]
         if len(self._lru) < len(self.slots):
             index = next(i for i, s in enumerate(self.slots) if s.owner is None)
         else:
-            evicted = next((o for o, i in self._lru.items() if not self.slots[i].streaming), None)
+            evicted = next((o for o, i in self._lru.items() if not self.slots[i].in_use), None)
             if evicted is None:
                 raise SlotsBusyError(f"all {len(self.slots)} cache slots are generating; allow more cached conversations")
             index = self._lru.pop(evicted)
@@ -283,27 +292,38 @@ class Engine:
         s.segments = [c for c in s.segments if c.start + c.rows <= position]
 
     def prefill_context(self, owner: Hashable, context: list[tuple[Hashable, Segment]]) -> int:
-        """Make `owner`'s slot hold exactly `context` (keyed segments); only rows after the longest
-        cached common prefix are computed. Returns the slot."""
+        """Make `owner`'s slot hold exactly `context` (keyed segments); returns the slot."""
+        return _run_steps(self.prefill_context_steps(owner, context))
+
+    def prefill_context_steps(self, owner: Hashable, context: list[tuple[Hashable, Segment]]) -> Generator[None, None, int]:
+        """prefill_context in chunks of `prefill_chunk` rows, yielding after each one. Only rows
+        after the longest cached common prefix are computed."""
         slot = self.slot_for(owner)
-        cached = self.slots[slot].segments
+        state = self.slots[slot]
+        cached = state.segments
         keep = 0
         while keep < min(len(cached), len(context)) and cached[keep].key == context[keep][0]:
             keep += 1
         del cached[keep:]
-        position = self.slots[slot].end
+        position = state.end
         parts = [(key, segment_rows(self.tokenizer, seg)) for key, seg in context[keep:]]
-        if parts:
-            tokens = torch.cat([rows[0] for _, rows in parts])
-            mask = torch.cat([rows[1] for _, rows in parts])
-            try:
-                self.generator.prefill(slot, tokens, mask, start=position)
-            except Exception:
-                self.truncate(slot, position)
-                raise
-            for key, (rows, _) in parts:
-                cached.append(CachedSegment(key, position, rows.shape[0]))
-                position += rows.shape[0]
+        if not parts:
+            return slot
+        tokens = torch.cat([rows[0] for _, rows in parts])
+        mask = torch.cat([rows[1] for _, rows in parts])
+        if position + tokens.shape[0] > self.max_positions:
+            raise ContextTooLongError(f"{position + tokens.shape[0]} rows do not fit in the model's {self.max_positions} positions")
+        state.busy = True
+        try:
+            for a in range(0, tokens.shape[0], self.prefill_chunk):
+                self.generator.prefill(slot, tokens[a : a + self.prefill_chunk], mask[a : a + self.prefill_chunk], start=position + a)
+                if a + self.prefill_chunk < tokens.shape[0]:
+                    yield
+        finally:
+            state.busy = False
+        for key, (rows, _) in parts:
+            cached.append(CachedSegment(key, position, rows.shape[0]))
+            position += rows.shape[0]
         return slot
 
     # --- generation ----------------------------------------------------------------------
@@ -312,7 +332,12 @@ class Engine:
         self, owner: Hashable, context: list[tuple[Hashable, Segment]], speaker: int, text: str, sampling: Sampling
     ) -> Stream:
         """Prefill the context (what is not cached yet) and the utterance's text rows."""
-        slot = self.prefill_context(owner, context)
+        return _run_steps(self.start_steps(owner, context, speaker, text, sampling))
+
+    def start_steps(
+        self, owner: Hashable, context: list[tuple[Hashable, Segment]], speaker: int, text: str, sampling: Sampling
+    ) -> Generator[None, None, Stream]:
+        slot = yield from self.prefill_context_steps(owner, context)
         start = self.slots[slot].end
         tokens, mask = text_rows(self.tokenizer.encode_segment_text(speaker, text))
         # Room for at least one frame and the end-of-audio row that closes the segment later.
@@ -401,6 +426,15 @@ class Engine:
             self.release(owner)
 
 
+def _run_steps(steps: Generator):
+    """Run a step generator to the end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -410,15 +444,27 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return names[dtype]
 
 
+@dataclass
+class _Job:
+    fn: Callable
+    args: tuple
+    future: Future
+    wait_for_slot: bool
+    steps: Generator | None = None  # set while a multi-step job (a chunked prefill) runs
+
+
 class InferenceWorker:
-    """The one thread that owns the Engine. Jobs (prefill, encode, start/finish a stream) run
-    between frames; active streams advance one frame each per round, so many conversations share
-    the model fairly. Results go back through callbacks, which must be thread-safe."""
+    """The one thread that owns the Engine. Jobs (encode audio, prefill, start or finish a reply)
+    run between frames. A job that returns a generator runs one step (one prefill chunk) per
+    round, so a long prefill does not stall the replies in progress. Each round, all active
+    streams advance one frame together. Results go back through futures and thread-safe callbacks.
+    """
 
     def __init__(self, engine_factory: Callable[[], Engine], name: str = "csm-inference"):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, tuple[Stream, Callable]] = {}
-        self._parked: list[tuple[Callable, tuple, Future]] = []
+        self._running: list[_Job] = []  # multi-step jobs in progress
+        self._parked: list[_Job] = []  # waiting for a free cache slot
         self._crash: BaseException | None = None
         self._stopping = False
         self.engine: Engine | None = None
@@ -428,12 +474,12 @@ class InferenceWorker:
 
     def submit(self, fn: Callable, *args, wait_for_slot: bool = False) -> Future:
         """Run fn(engine, *args) on the worker between frames. With wait_for_slot, a job that
-        finds every cache slot generating waits until a reply ends instead of failing."""
+        finds no cache slot free waits until one is instead of failing."""
         future: Future = Future()
         if self._crash is not None or self._stopping:
             future.set_exception(WorkerCrashedError(f"the inference worker is not running ({self._crash or 'stopped'})"))
             return future
-        self._jobs.put((fn, args, future, wait_for_slot))
+        self._jobs.put(_Job(fn, args, future, wait_for_slot))
         return future
 
     def add_stream(self, stream: Stream, on_frame: Callable[[AudioFrame | None | BaseException], None]) -> None:
@@ -463,9 +509,14 @@ class InferenceWorker:
         self.ready.set_result(self.engine)
         try:
             while True:
-                self._retry_parked()
-                if not self._run_jobs(block=not self._streams and not self._parked):
+                for job in self._parked[:]:
+                    self._parked.remove(job)
+                    self._advance(job)
+                busy = self._streams or self._running
+                if not self._take_jobs(timeout=None if not busy and not self._parked else 0.01 if not busy else 0):
                     break
+                for job in self._running[:]:
+                    self._advance(job)
                 if self._streams:
                     self._step_streams()
         except BaseException as e:  # noqa: BLE001
@@ -476,16 +527,56 @@ class InferenceWorker:
             for stream, on_frame in self._streams.values():
                 on_frame(error)
             self._streams.clear()
-            for _, _, future in self._parked:
-                future.set_exception(error)
-            self._parked.clear()
+            pending = self._running + self._parked
             while True:
                 try:
                     job = self._jobs.get_nowait()
                 except queue.Empty:
                     break
                 if job is not None:
-                    job[2].set_exception(error)
+                    pending.append(job)
+            for job in pending:
+                if not job.future.done():
+                    job.future.set_exception(error)
+
+    def _take_jobs(self, timeout: float | None) -> bool:
+        """Start the queued jobs (waiting up to `timeout` for the first); False when stopping."""
+        while True:
+            try:
+                job = self._jobs.get(timeout=timeout) if timeout != 0 else self._jobs.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            if job.future.set_running_or_notify_cancel():
+                self._advance(job)
+            timeout = 0
+
+    def _advance(self, job: _Job) -> None:
+        """Start a job or run its next step; settle its future when it ends."""
+        try:
+            if job.steps is None:
+                result = job.fn(self.engine, *job.args)
+                if not isinstance(result, GeneratorType):
+                    job.future.set_result(result)
+                    return
+                job.steps = result  # its steps run one per round, from the next round on
+                self._running.append(job)
+                return
+            next(job.steps)
+            return
+        except StopIteration as done:
+            job.future.set_result(done.value)
+        except SlotsBusyError as e:
+            if job.wait_for_slot:  # raised before any work (slot_for comes first): start over later
+                job.steps = None
+                self._parked.append(job)
+            else:
+                job.future.set_exception(e)
+        except BaseException as e:  # noqa: BLE001 - the caller gets it
+            job.future.set_exception(e)
+        if job in self._running:
+            self._running.remove(job)
 
     def _step_streams(self) -> None:
         """One frame for every active stream, batched; if the batch fails, each stream alone, so
@@ -513,35 +604,3 @@ class InferenceWorker:
                 self._streams.pop(id(stream), None)
                 on_frame(None)
 
-    def _retry_parked(self) -> None:
-        while self._parked and not all(slot.streaming for slot in self.engine.slots):
-            fn, args, future = self._parked.pop(0)
-            try:
-                future.set_result(fn(self.engine, *args))
-            except SlotsBusyError:
-                self._parked.insert(0, (fn, args, future))
-                return
-            except BaseException as e:  # noqa: BLE001 - the caller gets it
-                future.set_exception(e)
-
-    def _run_jobs(self, block: bool) -> bool:
-        """Run queued jobs; False when asked to stop."""
-        while True:
-            try:
-                job = self._jobs.get(block=block)
-            except queue.Empty:
-                return True
-            if job is None:
-                return False
-            fn, args, future, wait_for_slot = job
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(self.engine, *args))
-                except SlotsBusyError as e:
-                    if not wait_for_slot:
-                        future.set_exception(e)
-                    else:  # run it again once a slot is free; set_running_or_notify_cancel is once only
-                        self._parked.append((fn, args, future))
-                except BaseException as e:  # noqa: BLE001 - the caller gets it
-                    future.set_exception(e)
-            block = False

@@ -263,7 +263,7 @@ class Conversation:
         self._entries.append(self.service._entry(Segment(speaker, text, codes), "user"))
         if sum(e.rows for e in self._entries) < self.service.context_budget:
             context = [(e.key, e.segment) for e in self._entries]
-            self.service._submit(Engine.prefill_context, self.id, context).add_done_callback(_log_failure)
+            self.service._submit(Engine.prefill_context_steps, self.id, context).add_done_callback(_log_failure)
 
     async def speak(
         self,
@@ -299,8 +299,8 @@ class Conversation:
         def on_frame(item) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def start(engine: Engine) -> Stream:
-            stream = engine.start(self.id, [(e.key, e.segment) for e in context], speaker, text, sampling)
+        def start(engine: Engine):  # a step generator: the worker interleaves its prefill chunks
+            stream = yield from engine.start_steps(self.id, [(e.key, e.segment) for e in context], speaker, text, sampling)
             worker.add_stream(stream, on_frame)
             return stream
 

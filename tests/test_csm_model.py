@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from csm_plugin.engine import Generator, Sampling
+from csm_plugin.engine import FrameGenerator, Sampling
 from csm_plugin.errors import CheckpointError, InputError
 from csm_plugin.models.loading import (
     bundled_tokenizer_file,
@@ -68,7 +68,7 @@ def reference_embeddings(model, tokens: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 def backbone_logits(loaded, tokens, mask):
-    gen = Generator(loaded.model)
+    gen = FrameGenerator(loaded.model)
     with torch.inference_mode():
         x = loaded.model.embed_rows(tokens[None], mask[None])
         h = loaded.model.backbone_forward(x, torch.arange(tokens.shape[0])[None], torch.tensor([0]))
@@ -130,7 +130,7 @@ def test_greedy_generation_matches_transformers(reference, ours):
     model, _ = reference
     context, speaker, text = conversation()
     tokens, mask = build_prompt(ours.tokenizer, context, speaker, text)
-    frames = list(Generator(ours.model).generate(tokens, mask, text, Sampling(top_k=1, max_audio_ms=960)))
+    frames = list(FrameGenerator(ours.model).generate(tokens, mask, text, Sampling(top_k=1, max_audio_ms=960)))
     assert len(frames) == 12
     with torch.no_grad():
         expected = model.generate(
@@ -183,8 +183,8 @@ def test_sesame_format_gives_the_same_outputs(reference, ours, tmp_path, as_ckpt
     b, _, _ = backbone_logits(theirs, tokens, mask)
     assert rel_err(b, a) < 1e-5
     sampling = Sampling(top_k=1, max_audio_ms=800)
-    fa = list(Generator(ours.model).generate(tokens, mask, text, sampling))
-    fb = list(Generator(theirs.model).generate(tokens, mask, text, sampling))
+    fa = list(FrameGenerator(ours.model).generate(tokens, mask, text, sampling))
+    fb = list(FrameGenerator(theirs.model).generate(tokens, mask, text, sampling))
     assert torch.equal(torch.stack(fa), torch.stack(fb))
 
 
@@ -214,7 +214,7 @@ def test_bf16_is_close_to_fp32(hf_checkpoint):
     a, _, _ = backbone_logits(fp32, tokens, mask)
     b, _, _ = backbone_logits(bf16, tokens, mask)
     assert rel_err(b.float(), a) < 0.1
-    frames = list(Generator(bf16.model).generate(tokens, mask, "Hi.", Sampling(seed=1)))
+    frames = list(FrameGenerator(bf16.model).generate(tokens, mask, "Hi.", Sampling(seed=1)))
     assert frames and all(f.shape == (32,) and 0 <= int(f.min()) and int(f.max()) < 2051 for f in frames)
 
 

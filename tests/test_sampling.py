@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csm_plugin.engine import Generator, Sampling, frame_gumbel_noise, max_frames_for_text, sample_topk
+from csm_plugin.engine import FrameGenerator, Sampling, frame_gumbel_noise, max_frames_for_text, sample_topk
 from csm_plugin.errors import ContextTooLongError, InputError
 from csm_plugin.models.loading import load_checkpoint
 from csm_plugin.prompt import build_prompt
@@ -52,7 +52,7 @@ def test_bad_sampling_settings(kwargs):
 
 def test_seed_gives_repeatable_codes(loaded):
     tokens, mask = build_prompt(loaded.tokenizer, [], 0, "Hello there.")
-    gen = Generator(loaded.model)
+    gen = FrameGenerator(loaded.model)
 
     def run(seed):
         return torch.stack(list(gen.generate(tokens, mask, "Hello there.", Sampling(seed=seed, max_audio_ms=800))))
@@ -64,11 +64,11 @@ def test_seed_gives_repeatable_codes(loaded):
 
 def test_stops_at_length_cap_and_on_the_all_zero_frame(loaded):
     tokens, mask = build_prompt(loaded.tokenizer, [], 0, "Hello there.")
-    assert len(list(Generator(loaded.model).generate(tokens, mask, "x", Sampling(max_audio_ms=400)))) == 5
+    assert len(list(FrameGenerator(loaded.model).generate(tokens, mask, "x", Sampling(max_audio_ms=400)))) == 5
     # the default cap follows the text length
     assert max_frames_for_text("a" * 80) > max_frames_for_text("a" * 8) >= 25
 
-    class StopsAtFrame3(Generator):
+    class StopsAtFrame3(FrameGenerator):
         frame = 0
 
         def sample_frames(self, h, noise, temperature, top_k):
@@ -85,4 +85,4 @@ def test_prompt_longer_than_the_model_is_refused(loaded):
     tokens, mask = build_prompt(loaded.tokenizer, [], 0, text)
     assert tokens.shape[0] > loaded.config.backbone.max_seq_len
     with pytest.raises(ContextTooLongError):
-        next(Generator(loaded.model).generate(tokens, mask, text, Sampling()))
+        next(FrameGenerator(loaded.model).generate(tokens, mask, text, Sampling()))

@@ -288,3 +288,29 @@ def test_batched_streams_equal_solo_streams(hf_checkpoint, reference_engine):
     for (ctx, text, smp), stream in zip(jobs, streams):
         solo = torch.stack([f.codes for f in reference_engine.synthesize(ctx, 0, text, smp)])
         assert torch.equal(torch.stack(stream.codes), solo)
+
+
+def test_long_prefill_is_interleaved_with_running_replies(hf_checkpoint):
+    async def main():
+        async with CSMService(hf_checkpoint) as service:
+            engine = service.engine
+            engine.prefill_chunk = 16
+            events = []
+            prefill, step_many = engine.generator.prefill, engine.step_many
+            engine.generator.prefill = lambda slot, *a, **k: events.append(("prefill", slot)) or prefill(slot, *a, **k)
+            engine.step_many = lambda streams: events.append(("frame",)) or step_many(streams)
+            a, b = service.conversation("a"), service.conversation("b")
+            await a.add_segment(1, "Hi.")
+            chunks = 0
+            async for _ in a.speak("Let me read you the whole policy, it is long.", seed=1, max_audio_ms=2400):
+                chunks += 1
+                if chunks == 2:  # B's long turn arrives while A speaks: ~120 rows, 8 chunks
+                    await b.add_segment(1, "Here is my long question. " * 3, audio=voice_audio(5.0), sample_rate=16_000)
+            return events, engine.cached_keys("b"), engine.slot_for("b")
+
+    events, b_keys, b_slot = run(main())
+    assert len(b_keys) == 1  # B's turn is in its cache already, before B's reply
+    b_chunks = [i for i, e in enumerate(events) if e == ("prefill", b_slot)]
+    assert len(b_chunks) >= 6
+    between = [e for e in events[b_chunks[0] : b_chunks[-1]] if e[0] == "frame"]
+    assert len(between) >= len(b_chunks) - 1  # A got a frame between every two of B's chunks
