@@ -222,27 +222,34 @@ async def test_barge_in_stops_within_a_frame_and_keeps_what_was_played(hf_checkp
     tts = make_tts(hf_checkpoint, seed=5, max_audio_ms=4000)
     sink = Collector()
     worker = PipelineWorker(Pipeline([tts, sink]), cancel_on_idle_timeout=False)
-    run = asyncio.create_task(WorkerRunner(handle_sigint=False).run(worker))
-    text = "One two three four five six seven eight nine ten eleven twelve thirteen."
-    await worker.queue_frames([LLMFullResponseStartFrame(), LLMTextFrame(text), LLMFullResponseEndFrame()])
-    await sink.wait_for(lambda fs: len(audio_of(fs)) >= 6)
-    now[0] += 0.2  # the listener has heard 200 ms, i.e. 3 frames have started playing
-    await worker.queue_frame(InterruptionFrame())
-    await sink.wait_for(lambda fs: any(isinstance(f, InterruptionFrame) for f in fs))
-    interrupted_at = next(i for i, f in enumerate(sink.frames) if isinstance(f, InterruptionFrame))
-    await asyncio.sleep(0.5)  # many frame times: nothing more may come out
-    conv = tts.conversation
-    assert not conv.speaking
-    assert not audio_of(sink.frames[interrupted_at:])
-    reply = conv.history[-1]
-    assert reply.codes.shape[0] == 3 and reply.text == spoken_text(text, 3 * 80)
-    assert len(audio_of(sink.frames)) > 3  # more had been generated than was kept
-    assert torch.equal(reply.codes, fresh_codes(reference_engine, [], text, seed=5, max_audio_ms=3 * 80))
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    run = asyncio.create_task(runner.run())
+    try:
+        text = "One two three four five six seven eight nine ten eleven twelve thirteen."
+        await worker.queue_frames([LLMFullResponseStartFrame(), LLMTextFrame(text), LLMFullResponseEndFrame()])
+        await sink.wait_for(lambda fs: len(audio_of(fs)) >= 6)
+        now[0] += 0.2  # the listener has heard 200 ms, i.e. 3 frames have started playing
+        await worker.queue_frame(InterruptionFrame())
+        await sink.wait_for(lambda fs: any(isinstance(f, InterruptionFrame) for f in fs))
+        interrupted_at = next(i for i, f in enumerate(sink.frames) if isinstance(f, InterruptionFrame))
+        await asyncio.sleep(0.5)  # many frame times: nothing more may come out
+        conv = tts.conversation
+        assert not conv.speaking
+        assert not audio_of(sink.frames[interrupted_at:])
+        reply = conv.history[-1]
+        assert reply.codes.shape[0] == 3 and reply.text == spoken_text(text, 3 * 80)
+        assert len(audio_of(sink.frames)) > 3  # more had been generated than was kept
+        assert torch.equal(reply.codes, fresh_codes(reference_engine, [], text, seed=5, max_audio_ms=3 * 80))
 
-    # The conversation goes on from the trimmed history.
-    await worker.queue_frames([TTSSpeakFrame("Sorry, go ahead."), EndFrame()])
-    await asyncio.wait_for(run, 60)
-    assert [s.text for s in conv.history] == [spoken_text(text, 240), "Sorry, go ahead."]
+        # The conversation goes on from the trimmed history.
+        await worker.queue_frames([TTSSpeakFrame("Sorry, go ahead."), EndFrame()])
+        await asyncio.wait_for(asyncio.shield(run), 60)
+        assert [s.text for s in conv.history] == [spoken_text(text, 240), "Sorry, go ahead."]
+    finally:
+        if not run.done():
+            await worker.cancel()
+            await asyncio.wait_for(run, 30)
 
 
 @pytest.mark.asyncio
