@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("pipecat")
 
 from pipecat.frames.frames import (  # noqa: E402
+    BotStartedSpeakingFrame,
     EndFrame,
     ErrorFrame,
     Frame,
@@ -195,6 +196,9 @@ async def test_two_turns_condition_on_the_user_and_the_first_reply(hf_checkpoint
 
 
 class Collector(FrameProcessor):
+    """Stands in for an output transport: collects frames, and says upstream when the bot starts
+    speaking, as a transport does (so the TTS knows its audio is played in real time)."""
+
     def __init__(self):
         super().__init__()
         self.frames: list[Frame] = []
@@ -202,6 +206,8 @@ class Collector(FrameProcessor):
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame) and not audio_of(self.frames):
+            await self.push_frame(BotStartedSpeakingFrame(), FrameDirection.UPSTREAM)
         self.frames.append(frame)
         self.changed.set()
         await self.push_frame(frame, direction)

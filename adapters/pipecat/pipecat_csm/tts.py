@@ -28,6 +28,8 @@ import soxr
 from loguru import logger
 
 from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
     ErrorFrame,
     Frame,
     InputAudioRawFrame,
@@ -96,21 +98,27 @@ class _Utterance:
 
 @dataclass
 class _Playout:
-    """Audio of one turn (TTS context) as a real-time sink plays it: each pushed chunk starts
-    when the previous one ends, or when it is pushed if the sink ran dry."""
+    """Audio of one turn (TTS context) as the output transport plays it, in real time: each
+    pushed chunk starts when the previous one ends, or when it is pushed if the transport ran dry.
+    Without a transport (no BotStartedSpeakingFrame ever seen), all pushed audio counts as played."""
 
     interruptible: bool = True
     chunks: list[tuple[float, float]] = field(default_factory=list)  # (start s, duration ms)
     end: float = 0.0
+    pushed_ms: float = 0.0
+    drained_ms: float = 0.0  # played for sure: the transport reported it had finished speaking
     utterances: list[_Utterance] = field(default_factory=list)
 
     def push(self, now: float, ms: float) -> None:
         start = max(now, self.end)
         self.chunks.append((start, ms))
         self.end = start + ms / 1000
+        self.pushed_ms += ms
 
-    def played_ms(self, now: float) -> float:
-        return sum(min(ms, max(0.0, (now - start) * 1000)) for start, ms in self.chunks)
+    def played_ms(self, now: float, paced: bool) -> float:
+        if not paced:
+            return self.pushed_ms
+        return max(self.drained_ms, sum(min(ms, max(0.0, (now - start) * 1000)) for start, ms in self.chunks))
 
 
 class CSMTTSService(TTSService):
@@ -183,6 +191,7 @@ class CSMTTSService(TTSService):
         self._replies = 0
         self._speech = None  # the reply generator being consumed, if any
         self._playouts: dict[str, _Playout] = {}
+        self._paced = False
         # User audio of the current turn.
         self._user_speaking = False
         self._user_rate = 0
@@ -283,6 +292,11 @@ class CSMTTSService(TTSService):
                 self._pre_roll.clear()
         elif isinstance(frame, UserStoppedSpeakingFrame):
             self._user_speaking = False
+        elif isinstance(frame, BotStartedSpeakingFrame):
+            self._paced = True  # an output transport plays our audio in real time
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            for playout in self._playouts.values():
+                playout.drained_ms = playout.pushed_ms
 
         await super().process_frame(frame, direction)
 
@@ -396,7 +410,7 @@ class CSMTTSService(TTSService):
         for context_id, playout in list(self._playouts.items()):
             if conv is None or not playout.interruptible:
                 continue
-            played = playout.played_ms(now)
+            played = playout.played_ms(now, self._paced)
             for u in reversed(playout.utterances):
                 if u.trimmed or u.ms == 0:
                     continue

@@ -1,0 +1,252 @@
+"""A voice agent on one laptop, no network: Pipecat + CSMTTSService.
+
+    python examples/pipecat_local_agent.py --say "Hi, my parcel never arrived." --say "It was blue."
+    python examples/pipecat_local_agent.py                 # type lines; an empty line ends
+    python examples/pipecat_local_agent.py --mic --speaker # microphone in, speaker out (pyaudio)
+
+Text goes in as the user's transcript (or microphone audio, with a simple energy VAD and a
+scripted transcript standing in for an STT model); a scripted LLM stand-in answers (or
+`--llm openai` with OPENAI_API_KEY); CSM speaks with the conversation as context; the replies go
+to a WAV file (default agent.wav) or the speaker. `--model` picks the checkpoint ($CSM_MODEL,
+else sesame/csm-1b); `--test-checkpoint` makes a small random one, to try the plumbing in seconds
+(it speaks noise, not words).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import sys
+import tempfile
+import wave
+
+import numpy as np
+from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams
+from pipecat.frames.frames import (
+    EndFrame,
+    Frame,
+    InputAudioRawFrame,
+    LLMContextFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+    TranscriptionFrame,
+    TTSAudioRawFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import (
+    LLMContextAggregatorPair,
+    LLMUserAggregatorParams,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import SpeechTimeoutUserTurnStopStrategy
+from pipecat.turns.user_turn_strategies import UserTurnStrategies
+from pipecat.workers.runner import WorkerRunner
+
+from pipecat_csm import CSMTTSService
+
+SYSTEM = "You are a friendly customer-service agent for a parcel company. Answer in one or two short sentences."
+
+# The scripted LLM stand-in: the first rule whose keyword is in the user's words answers.
+RULES = [
+    (("parcel", "package", "order", "arrive"), "I am sorry to hear that. Could you tell me what was in the parcel?"),
+    (("jacket", "shoes", "book", "blue", "red"), "Thank you. I found the order, and it is at the depot. It will reach you tomorrow."),
+    (("refund", "money"), "I can refund it today. The money will be back on your card within three days."),
+    (("thank", "bye", "great"), "You are welcome. Have a lovely day!"),
+]
+FALLBACK = "I see. Could you tell me a little more?"
+
+
+def scripted_reply(text: str) -> str:
+    words = text.lower()
+    return next((reply for keys, reply in RULES if any(k in words for k in keys)), FALLBACK)
+
+
+class ScriptedLLM(FrameProcessor):
+    """Answers each LLM context with a canned reply, streamed as tokens like a real LLM service."""
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if not isinstance(frame, LLMContextFrame):
+            await self.push_frame(frame, direction)
+            return
+        users = [m for m in frame.context.get_messages() if m.get("role") == "user"]
+        reply = scripted_reply(str(users[-1].get("content", "")) if users else "")
+        await self.push_frame(LLMFullResponseStartFrame())
+        for word in reply.split(" "):
+            await self.push_frame(LLMTextFrame(word + " "))
+            await asyncio.sleep(0.02)
+        await self.push_frame(LLMFullResponseEndFrame())
+
+
+class EnergyVAD(VADAnalyzer):
+    """A tiny energy detector (no model): voice when the RMS is above a threshold."""
+
+    def __init__(self, threshold: float = 0.02, **kwargs):
+        kwargs.setdefault("params", VADParams(start_secs=0.1, stop_secs=0.4, min_volume=0.0))
+        super().__init__(**kwargs)
+        self._threshold = threshold
+
+    def num_frames_required(self) -> int:
+        return int(self.sample_rate * 0.02)
+
+    def voice_confidence(self, buffer: bytes) -> float:
+        pcm = np.frombuffer(buffer, dtype=np.int16).astype(np.float32) / 32768
+        return 1.0 if pcm.size and float(np.sqrt(np.mean(pcm**2))) > self._threshold else 0.0
+
+
+class ScriptedSTT(FrameProcessor):
+    """Stands in for an STT model: when the user's speech (by energy) ends, the next line of a
+    script is the transcript. Swap in a real STT service (Whisper, Deepgram...) for real use."""
+
+    def __init__(self, lines: list[str], threshold: float = 0.02, silence_s: float = 0.4):
+        super().__init__()
+        self._lines, self._threshold, self._silence_s = list(lines), threshold, silence_s
+        self._voiced_s = self._quiet_s = 0.0
+
+    def add_lines(self, lines: list[str]) -> None:
+        self._lines.extend(lines)
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+        if not isinstance(frame, InputAudioRawFrame):
+            return
+        pcm = np.frombuffer(frame.audio, dtype=np.int16).astype(np.float32) / 32768
+        seconds = len(pcm) / frame.sample_rate
+        if pcm.size and float(np.sqrt(np.mean(pcm**2))) > self._threshold:
+            self._voiced_s, self._quiet_s = self._voiced_s + seconds, 0.0
+        elif self._voiced_s:
+            self._quiet_s += seconds
+            if self._quiet_s >= self._silence_s:
+                voiced, self._voiced_s = self._voiced_s, 0.0
+                if voiced >= 0.2 and self._lines:
+                    await self.push_frame(transcript(self._lines.pop(0)))
+
+
+def transcript(text: str) -> TranscriptionFrame:
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    return TranscriptionFrame(text=text, user_id="user", timestamp=now, finalized=True)
+
+
+class WavSink(FrameProcessor):
+    """Writes the agent's audio to a WAV file; tells the typed input when each reply has ended."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path, self.rate, self.chunks = path, 0, []
+        self.reply_done = asyncio.Event()
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame):
+            self.rate = frame.sample_rate
+            self.chunks.append(frame.audio)
+        elif isinstance(frame, LLMFullResponseEndFrame):
+            self.reply_done.set()
+        await self.push_frame(frame, direction)
+
+    def write(self) -> float:
+        with wave.open(self.path, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(self.rate or 24000)
+            w.writeframes(b"".join(self.chunks))
+        return sum(map(len, self.chunks)) / 2 / (self.rate or 24000)
+
+
+def user_aggregator_params(vad: VADAnalyzer | None = None) -> LLMUserAggregatorParams:
+    # Turn ends 0.6 s after the last transcript / VAD stop (no smart-turn model to download).
+    return LLMUserAggregatorParams(
+        vad_analyzer=vad, user_turn_strategies=UserTurnStrategies(stop=[SpeechTimeoutUserTurnStopStrategy()])
+    )
+
+
+def make_llm(kind: str):
+    if kind == "openai":
+        from pipecat.services.openai.llm import OpenAILLMService
+
+        import os
+
+        return OpenAILLMService(api_key=os.environ["OPENAI_API_KEY"])
+    return ScriptedLLM()
+
+
+async def typed_turns(worker: PipelineWorker, sink: WavSink, lines: list[str] | None) -> None:
+    """Each line is one user turn; the next waits for the reply to end. No lines: read stdin."""
+    loop = asyncio.get_running_loop()
+    source = iter(lines) if lines is not None else None
+    while True:
+        if source is not None:
+            line = next(source, "")
+        else:
+            print("you> ", end="", flush=True)
+            line = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
+        if not line:
+            break
+        sink.reply_done.clear()
+        await worker.queue_frame(transcript(line))
+        await sink.reply_done.wait()
+    await worker.queue_frame(EndFrame())
+
+
+async def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--say", action="append", help="a user line (repeatable); default: read stdin")
+    p.add_argument("--mic", action="store_true", help="microphone in (needs pyaudio)")
+    p.add_argument("--speaker", action="store_true", help="play through the speaker instead of a WAV file")
+    p.add_argument("--wav", default="agent.wav", help="where the agent's voice goes (default agent.wav)")
+    p.add_argument("--llm", choices=["scripted", "openai"], default="scripted")
+    p.add_argument("--model", help="CSM checkpoint (path or hub id)")
+    p.add_argument("--test-checkpoint", action="store_true", help="a small random checkpoint (noise, for a dry run)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-audio-ms", type=float, default=None, help="cap each reply's audio")
+    args = p.parse_args(argv)
+
+    model = args.model
+    if args.test_checkpoint:
+        from csm_plugin.models.loading import make_test_checkpoint
+
+        model = str(make_test_checkpoint(tempfile.mkdtemp(prefix="csm-test-"), "hf", seed=0))
+    tts = CSMTTSService(device=args.device, settings=CSMTTSService.Settings(model=model, max_audio_ms=args.max_audio_ms))
+
+    context = LLMContext([{"role": "system", "content": SYSTEM}])
+    transport = None
+    if args.mic or args.speaker:
+        from pipecat.transports.local.audio import LocalAudioTransport, LocalAudioTransportParams
+
+        transport = LocalAudioTransport(LocalAudioTransportParams(audio_in_enabled=args.mic, audio_out_enabled=True))
+    aggregators = LLMContextAggregatorPair(context, user_params=user_aggregator_params(EnergyVAD() if args.mic else None))
+    sink = WavSink(args.wav)
+    stages = [aggregators.user(), make_llm(args.llm), tts]
+    if args.mic:  # a scripted transcript per utterance; for real speech put an STT service here
+        stages.insert(0, ScriptedSTT(args.say or ["Hi, my parcel never arrived.", "It was a blue jacket.", "Thanks, bye!"]))
+    if transport is not None:
+        stages = ([transport.input()] if args.mic else []) + stages + [transport.output()]
+    else:
+        stages.append(sink)
+    pipeline = Pipeline([*stages, aggregators.assistant()])
+    worker = PipelineWorker(pipeline, params=PipelineParams(enable_metrics=True), cancel_on_idle_timeout=False)
+    runner = WorkerRunner(handle_sigint=True)
+    await runner.add_workers(worker)
+    tasks = [asyncio.create_task(runner.run())]
+    if not args.mic:
+        tasks.append(asyncio.create_task(typed_turns(worker, sink, args.say)))
+    await asyncio.gather(*tasks)
+
+    for segment in tts.conversation.history if tts.conversation else []:
+        who = "agent" if segment.speaker == tts._settings.speaker else "user"
+        frames = 0 if segment.codes is None else segment.codes.shape[0]
+        print(f"{who:>5}: {segment.text}  [{frames} audio frames]")
+    if transport is None:
+        print(f"wrote {sink.write():.1f} s of agent audio to {args.wav}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
