@@ -88,7 +88,7 @@ class EnergyVAD(VADAnalyzer):
     """A tiny energy detector (no model): voice when the RMS is above a threshold."""
 
     def __init__(self, threshold: float = 0.02, **kwargs):
-        kwargs.setdefault("params", VADParams(start_secs=0.1, stop_secs=0.4, min_volume=0.0))
+        kwargs.setdefault("params", VADParams(start_secs=0.1, stop_secs=0.2, min_volume=0.0))
         super().__init__(**kwargs)
         self._threshold = threshold
 
