@@ -25,7 +25,6 @@ from pipecat.frames.frames import (  # noqa: E402
     TTSAudioRawFrame,
     TTSSpeakFrame,
     TTSStartedFrame,
-    TTSStoppedFrame,
     TTSTextFrame,
     TTSUpdateSettingsFrame,
     UserStartedSpeakingFrame,
