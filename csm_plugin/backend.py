@@ -74,11 +74,14 @@ async def shared_service(
 ) -> CSMService:
     """The process-wide service for these settings: the model loads once, however many pipelines
     or agent jobs (and event loops) the process runs. `model` defaults to $CSM_MODEL, else
-    sesame/csm-1b. A failed load is not cached: the next call tries again."""
+    sesame/csm-1b. A failed load, or a service whose worker died, is not kept: the next call
+    starts again."""
     model = str(model or os.environ.get("CSM_MODEL", DEFAULT_MODEL))
     key = (model, device, str(dtype), tuple(sorted(options.items())))
     with _shared_lock:
         service = _shared.get(key)
+        if service is not None and service._worker is not None and service._worker.ready.done() and not service.alive:
+            service = None  # its worker died: start a new one
         if service is None:
             service = _shared[key] = CSMService(model, device=device, dtype=dtype, **options)
     try:

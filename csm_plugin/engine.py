@@ -214,6 +214,9 @@ class Stream:
     codes: list[torch.Tensor] = field(default_factory=list)
     fed: int = 0
     done: bool = False
+    # Flow control: frames handed out (worker thread) and taken by the listener (its thread).
+    produced: int = 0
+    consumed: int = 0
 
     @property
     def frames_start(self) -> int:
@@ -460,7 +463,8 @@ class InferenceWorker:
     streams advance one frame together. Results go back through futures and thread-safe callbacks.
     """
 
-    def __init__(self, engine_factory: Callable[[], Engine], name: str = "csm-inference"):
+    def __init__(self, engine_factory: Callable[[], Engine], name: str = "csm-inference", max_backlog_frames: int = 25):
+        self.max_backlog_frames = max_backlog_frames  # a stream this far ahead of its listener waits
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, tuple[Stream, Callable]] = {}
         self._running: list[_Job] = []  # multi-step jobs in progress
@@ -512,13 +516,19 @@ class InferenceWorker:
                 for job in self._parked[:]:
                     self._parked.remove(job)
                     self._advance(job)
-                busy = self._streams or self._running
-                if not self._take_jobs(timeout=None if not busy and not self._parked else 0.01 if not busy else 0):
+                ready = [entry for entry in self._streams.values() if entry[0].produced - entry[0].consumed < self.max_backlog_frames]
+                if ready or self._running:
+                    timeout = 0
+                elif self._streams or self._parked:  # waiting on slow listeners or for a free slot
+                    timeout = 0.005
+                else:
+                    timeout = None
+                if not self._take_jobs(timeout):
                     break
                 for job in self._running[:]:
                     self._advance(job)
-                if self._streams:
-                    self._step_streams()
+                if ready:
+                    self._step_streams([entry for entry in ready if id(entry[0]) in self._streams])
         except BaseException as e:  # noqa: BLE001
             log.exception("the inference worker crashed")
             self._crash = e
@@ -578,10 +588,11 @@ class InferenceWorker:
         if job in self._running:
             self._running.remove(job)
 
-    def _step_streams(self) -> None:
+    def _step_streams(self, active: list[tuple[Stream, Callable]]) -> None:
         """One frame for every active stream, batched; if the batch fails, each stream alone, so
         one bad stream fails by itself and the others go on."""
-        active = list(self._streams.values())
+        if not active:
+            return
         try:
             results = self.engine.step_many([stream for stream, _ in active])
         except Exception:  # noqa: BLE001 - isolate the failing stream below
@@ -599,6 +610,7 @@ class InferenceWorker:
             if isinstance(frame, Exception):
                 continue
             if frame is not None:
+                stream.produced += 1
                 on_frame(frame)
             if stream.done:
                 self._streams.pop(id(stream), None)

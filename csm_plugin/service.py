@@ -56,6 +56,7 @@ class AudioChunk:
     text_start: int  # estimated character span of the utterance's text
     text_end: int
     words: tuple[Word, ...]  # words estimated to start within this chunk
+    codes: torch.Tensor | None = None  # the chunk's Mimi codes [frames, 32], e.g. to replay history elsewhere
     sample_rate: int = SAMPLE_RATE
 
     @property
@@ -91,6 +92,14 @@ class Voice:
     name: str
     text: str
     codes: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A history entry and where it came from: "voice" (a pinned prompt), "user" or "agent"."""
+
+    segment: Segment
+    origin: str
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,8 @@ class CSMService:
                 self._worker = InferenceWorker(
                     lambda: Engine.load(self.model, device=self.device, dtype=self.dtype, slots=self.max_cached_conversations)
                 )
-        await asyncio.wrap_future(self._worker.ready)
+        # shield: a caller giving up on the load must not cancel the future the worker settles
+        await asyncio.shield(asyncio.wrap_future(self._worker.ready))
         return self
 
     async def close(self) -> None:
@@ -171,6 +181,11 @@ class CSMService:
         return self._worker.ready.result()
 
     @property
+    def alive(self) -> bool:
+        """Started and its inference worker running."""
+        return self._worker is not None and self._worker.alive
+
+    @property
     def context_budget(self) -> int:
         limit = self.engine.max_positions
         return min(self._context_budget or limit, limit)
@@ -187,9 +202,12 @@ class CSMService:
         self._voices[name] = Voice(name, text, codes)
         return self._voices[name]
 
-    def conversation(self, conversation_id: str, *, voices: Mapping[int, str] | None = None) -> Conversation:
+    def conversation(
+        self, conversation_id: str, *, voices: Mapping[int, str] | None = None, context_budget: int | None = None
+    ) -> Conversation:
         """The conversation with this id, created on first use. `voices` maps speakers to
-        registered voice names, pinned at the start of a new conversation's context."""
+        registered voice names, pinned at the start of a new conversation's context;
+        context_budget (positions) overrides the service's for this conversation."""
         if conversation_id in self._conversations:
             return self._conversations[conversation_id]
         self.engine  # noqa: B018 - raises if not started
@@ -199,7 +217,7 @@ class CSMService:
                 raise InputError(f"unknown voice {name!r}; register it with add_voice() first")
             voice = self._voices[name]
             entries.append(self._entry(Segment(check_speaker(speaker), voice.text, voice.codes), "voice"))
-        conv = self._conversations[conversation_id] = Conversation(self, conversation_id, entries)
+        conv = self._conversations[conversation_id] = Conversation(self, conversation_id, entries, context_budget)
         return conv
 
     def _entry(self, segment: Segment, origin: str) -> _Entry:
@@ -221,12 +239,24 @@ def _check_audio(audio: np.ndarray, sample_rate: int | None) -> np.ndarray:
     return wav
 
 
+def _check_codes(codes, vocab: int) -> torch.Tensor:
+    codes = torch.as_tensor(codes)
+    if codes.ndim != 2 or codes.shape[1] != 32 or codes.shape[0] == 0:
+        raise InputError(f"codes must be [frames, 32] with at least one frame, got {list(codes.shape)}")
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise InputError(f"codes must be integers, got {codes.dtype}")
+    if int(codes.min()) < 0 or int(codes.max()) >= vocab:
+        raise InputError(f"codes must be in 0..{vocab - 1}")
+    return codes.to(torch.long).cpu()
+
+
 class Conversation:
     """One conversation's history and its reply stream. Not shared across event loops."""
 
-    def __init__(self, service: CSMService, conversation_id: str, entries: list[_Entry]):
+    def __init__(self, service: CSMService, conversation_id: str, entries: list[_Entry], context_budget: int | None = None):
         self.service = service
         self.id = conversation_id
+        self._context_budget = context_budget
         self._entries = entries
         self._busy = False
         self._queue: asyncio.Queue | None = None
@@ -236,6 +266,11 @@ class Conversation:
     def history(self) -> list[Segment]:
         """The context the next reply is conditioned on, oldest first (pinned voices included)."""
         return [e.segment for e in self._entries]
+
+    @property
+    def turns(self) -> list[Turn]:
+        """The history with each entry's origin."""
+        return [Turn(e.segment, e.origin) for e in self._entries]
 
     @property
     def speaking(self) -> bool:
@@ -248,20 +283,34 @@ class Conversation:
             )
 
     async def add_segment(
-        self, speaker: int, text: str, audio: np.ndarray | None = None, sample_rate: int | None = None
+        self,
+        speaker: int,
+        text: str,
+        audio: np.ndarray | None = None,
+        sample_rate: int | None = None,
+        *,
+        codes: torch.Tensor | np.ndarray | None = None,
+        origin: str = "user",
     ) -> None:
         """Record a turn. Audio (mono, any rate) is Mimi-encoded, so the speaker's real voice
-        conditions later replies. The context is prefilled into the cache right away."""
+        conditions later replies; or pass its Mimi `codes` [frames, 32] (e.g. replaying a history
+        kept elsewhere). origin is "user" or "agent". The context is prefilled into the cache
+        right away, in the background."""
         check_speaker(speaker)
         text = check_text(text)
+        if origin not in ("user", "agent"):
+            raise InputError(f"origin must be 'user' or 'agent', got {origin!r}")
+        if audio is not None and codes is not None:
+            raise InputError("pass audio or codes, not both")
         self._check_idle()
-        codes = None
-        if audio is not None:
+        if codes is not None:
+            codes = _check_codes(codes, self.service.engine.checkpoint.config.audio_vocab_size)
+        elif audio is not None:
             wav = _check_audio(audio, sample_rate)
             codes = await self.service._submit(Engine.encode_audio, wav, sample_rate)
         self._check_idle()
-        self._entries.append(self.service._entry(Segment(speaker, text, codes), "user"))
-        if sum(e.rows for e in self._entries) < self.service.context_budget:
+        self._entries.append(self.service._entry(Segment(speaker, text, codes), origin))
+        if sum(e.rows for e in self._entries) < self.context_budget:
             context = [(e.key, e.segment) for e in self._entries]
             self.service._submit(Engine.prefill_context_steps, self.id, context).add_done_callback(_log_failure)
 
@@ -325,6 +374,7 @@ class Conversation:
                 if pending and (len(pending) >= chunk_frames or item is None):
                     chunk = _chunk(text, words, pending, len(delivered), final=item is None)
                     delivered.extend(f.codes for f in pending)
+                    stream.consumed += len(pending)
                     pending = []
                     yield chunk
                 if item is None:
@@ -336,7 +386,7 @@ class Conversation:
             if stream is not None:
                 self._finish(stream, self._record_reply(speaker, text, delivered, completed))
             elif started is not None:  # cancelled while starting: close the stream once it exists
-                started.add_done_callback(lambda f: f.exception() is None and self._finish(f.result(), None))
+                started.add_done_callback(lambda f: not f.cancelled() and f.exception() is None and self._finish(f.result(), None))
 
     def _record_reply(self, speaker: int, text: str, delivered: list, completed: bool) -> _Entry | None:
         """Add the reply as heard to the history: the delivered (or heard) frames and their words."""
@@ -372,7 +422,9 @@ class Conversation:
                 self._queue.put_nowait(_INTERRUPT)
             return
         last = self._entries[-1] if self._entries else None
-        if heard is None or last is None or last.origin != "agent" or heard >= last.segment.codes.shape[0]:
+        if heard is None or last is None or last.origin != "agent" or last.segment.codes is None:
+            return
+        if heard >= last.segment.codes.shape[0]:
             return
         self._entries.pop()
         if heard:
@@ -381,10 +433,14 @@ class Conversation:
                 self.service._entry(Segment(seg.speaker, spoken_text(seg.text, heard * FRAME_MS), seg.codes[:heard]), "agent")
             )
 
+    @property
+    def context_budget(self) -> int:
+        return min(self._context_budget or self.service.context_budget, self.service.context_budget)
+
     def _context_for(self, text_tokens: int, text: str, sampling: Sampling) -> list[_Entry]:
         """The entries to condition on: all of them if they fit with room for the reply, else the
         pinned voices and the newest turns that fill about half of what is left."""
-        budget = self.service.context_budget
+        budget = self.context_budget
         room = text_tokens + max_frames_for_text(text, sampling.max_audio_ms) + 1
         pinned = [e for e in self._entries if e.pinned]
         turns = [e for e in self._entries if not e.pinned]
@@ -419,7 +475,8 @@ def _chunk(text: str, words: list, frames: list, first_frame: int, final: bool) 
     pcm = float_to_int16(np.concatenate([f.pcm for f in frames]))
     in_chunk = tuple(w for w, _, _ in words if start_ms <= w.start_ms < end_ms or (final and w.start_ms >= end_ms))
     chars = lambda ms: min(len(text), round(ms / 1000 * CHARS_PER_SECOND))  # noqa: E731
-    return AudioChunk(pcm, start_ms, chars(start_ms), len(text) if final else chars(end_ms), in_chunk)
+    codes = torch.stack([f.codes for f in frames])
+    return AudioChunk(pcm, start_ms, chars(start_ms), len(text) if final else chars(end_ms), in_chunk, codes)
 
 
 def _log_failure(future) -> None:

@@ -122,7 +122,8 @@ def test_history_is_replayed_after_a_server_restart(hf_checkpoint, reference_eng
             async for _ in conv.speak("Please hold on while I check a few things for you.", seed=6, max_audio_ms=4000):
                 shutdown = shutdown or asyncio.create_task(first_server.aclose())
         await shutdown
-        assert conv.history[-1].text.startswith("Please") and conv.history[-1].codes is None  # text only: codes unknown
+        heard = conv.history[-1]  # the frames received before the break, with their codes
+        assert heard.text.startswith("Please") and heard.codes is not None and heard.codes.shape[0] >= 1
         with pytest.raises(ServerUnavailableError):  # nobody there: bounded retries, then a clear error
             await conv.add_segment(1, "Hello?")
 

@@ -147,7 +147,6 @@ def test_interrupt_with_played_ms_and_after_the_reply(hf_checkpoint, reference_e
     n, during, history = run(main())
     assert n == 5 and during.codes.shape[0] == 2 and during.text == "Hello,"
     assert history[-1].codes.shape[0] == 2 and history[-1].text == "Ok."
-    _, nxt = None, None
 
 
 def test_twenty_conversations_at_once_match_solo_runs(hf_checkpoint, reference_engine):
@@ -314,3 +313,30 @@ def test_long_prefill_is_interleaved_with_running_replies(hf_checkpoint):
     assert len(b_chunks) >= 6
     between = [e for e in events[b_chunks[0] : b_chunks[-1]] if e[0] == "frame"]
     assert len(between) >= len(b_chunks) - 1  # A got a frame between every two of B's chunks
+
+
+def test_a_slow_listener_pauses_its_stream(hf_checkpoint):
+    async def main():
+        async with CSMService(hf_checkpoint) as service:
+            service._worker.max_backlog_frames = 3
+            conv = service.conversation("slow")
+            stream_ref = {}
+            original = service.engine.start_steps
+
+            def spy(*args):
+                stream = yield from original(*args)
+                stream_ref["s"] = stream
+                return stream
+
+            service.engine.start_steps = spy
+            gen = conv.speak("A long answer that takes a while to say out loud.", seed=1, max_audio_ms=4000)
+            await gen.__anext__()
+            await asyncio.sleep(0.5)  # the listener takes nothing for a while
+            stream = stream_ref["s"]
+            ahead = len(stream.codes) - stream.consumed
+            rest = [c async for c in gen]
+            return ahead, len(rest), stream
+
+    ahead, rest, stream = run(main())
+    assert ahead <= 3  # generation waited for the listener instead of running to the end
+    assert rest + 1 == len(stream.codes) == 50  # then it went on to the end

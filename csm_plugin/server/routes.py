@@ -190,7 +190,7 @@ async def speech(request: web.Request) -> web.Response:
             if audio is not None:
                 await conv.add_segment(segment.speaker, segment.text, audio=audio[0], sample_rate=audio[1])
             else:
-                append_turn(conv, segment, origin)
+                await append_turn(conv, segment, origin)
         pcm = []
         async for chunk in conv.speak(
             req.text,

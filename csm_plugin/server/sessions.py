@@ -3,10 +3,6 @@
 A conversation outlives its WebSocket: a client that reconnects (network blip, proxy restart)
 finds it again. Detached conversations are forgotten after an idle timeout or when too many are
 held; that costs nothing but one replay, because the client keeps the history.
-
-The helpers at the top are the only places that reach into `Conversation` internals (see the
-module notes in docs/server.md): the service has no public way yet to add a segment that already
-has codes, or to tell a turn's origin.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from ..errors import EngineError
 from ..prompt import Segment
 from ..service import Conversation, CSMService
 from .protocol import history_digest
@@ -28,30 +23,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-# --- the core's internals, in one place ---------------------------------------------------------
+# --- conversation views ------------------------------------------------------------------------
 
 def conversation_turns(conv: Conversation) -> list[tuple[Segment, str]]:
     """(segment, origin) of every turn that is not a pinned voice prompt, oldest first."""
-    try:
-        return [(e.segment, e.origin) for e in conv._entries if e.origin != "voice"]
-    except AttributeError as e:  # the service changed shape
-        raise EngineError(f"this server does not match the service's internals: {e}") from e
+    return [(t.segment, t.origin) for t in conv.turns if t.origin != "voice"]
 
 
 def voice_segments(conv: Conversation) -> list[Segment]:
-    return [e.segment for e in conv._entries if e.origin == "voice"]
+    return [t.segment for t in conv.turns if t.origin == "voice"]
 
 
-def append_turn(conv: Conversation, segment: Segment, origin: str) -> None:
-    """Add a turn whose codes are known (a replayed history, or codes sent by the client): no
-    audio to encode. It is prefilled with the next reply."""
-    conv._check_idle()
-    conv._entries.append(conv.service._entry(segment, origin))
+async def append_turn(conv: Conversation, segment: Segment, origin: str) -> None:
+    """Add a turn whose codes are known (a replayed history, or codes sent by the client)."""
+    await conv.add_segment(segment.speaker, segment.text, codes=segment.codes, origin=origin)
 
 
 def worker_alive(service: CSMService) -> bool:
-    worker = getattr(service, "_worker", None)
-    return worker is not None and worker.alive
+    return service.alive
 
 
 # --- sessions ----------------------------------------------------------------------------------

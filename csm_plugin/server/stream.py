@@ -261,7 +261,7 @@ class Connection:
             await self._forget(session)
         session = sessions.create(self.key_id, self.conversation_id, voices)
         for segment, origin in turns:
-            append_turn(session.conv, segment, origin)
+            await append_turn(session.conv, segment, origin)
         await self._take(session)
         await self._ready(message.id, "restored")
 
@@ -286,7 +286,7 @@ class Connection:
         if audio is not None:
             await conv.add_segment(segment.speaker, segment.text, audio=audio[0], sample_rate=audio[1])
         elif segment.codes is not None:
-            append_turn(conv, Segment(segment.speaker, segment.text.strip(), segment.codes), "user")
+            await append_turn(conv, Segment(segment.speaker, segment.text.strip(), segment.codes), "user")
         else:
             await conv.add_segment(segment.speaker, segment.text)
         turns = self.session.turns()
@@ -426,7 +426,7 @@ class Connection:
             "samples": len(chunk.pcm),
             "sample_rate": SAMPLE_RATE,
         }
-        codes = getattr(chunk, "codes", None)  # not in AudioChunk yet; sent if the service adds it
+        codes = chunk.codes
         if codes is not None:
             header["codes"] = encode_codes(codes)
         async with self._send_lock:
