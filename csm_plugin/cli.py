@@ -90,7 +90,7 @@ def sampling_from(args):
 def cmd_speak(args) -> None:
     from .engine import Engine
 
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     context = read_context(Path(args.context), engine) if args.context else []
     speak_to_file(engine, context, args.speaker, args.text, sampling_from(args), Path(args.out), args.codes and Path(args.codes))
 
@@ -104,7 +104,7 @@ def cmd_demo(args) -> None:
 
     model = args.model or default_model()
     try:
-        engine = Engine.load(model, device=args.device, dtype=args.dtype)
+        engine = Engine.load(model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     except CheckpointError as e:
         if args.model:
             raise
@@ -113,7 +113,7 @@ def cmd_demo(args) -> None:
         print(f"Running the same code on a small random checkpoint at {fallback} instead: its audio is noise.")
         if not (fallback / "config.json").exists():
             make_test_checkpoint(fallback, "hf", seed=0)
-        engine = Engine.load(fallback, device=args.device, dtype=args.dtype)
+        engine = Engine.load(fallback, device=args.device, dtype=args.dtype, quantize=args.quantize)
     out = Path(args.out_dir)
     context: list[Segment] = []
     parts = []
@@ -154,6 +154,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=50)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quantize", choices=["int8"], help="int8 linear layers (CPU, float32): faster on CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="out")
     _add_generation_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="time this engine against transformers' generate on the same random weights")
+    p.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quantize", choices=["int8"], help="int8 linear layers (CPU, float32)")
+    p.add_argument("--streams", type=int, default=64, help="largest batch tried for concurrent streams")
+    p.add_argument("--frames", type=int, help="frames timed per measurement (default 30 tiny, 6 full)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-baseline", action="store_true", help="skip transformers' generate")
+    p.add_argument("--json", help="also write the results to this file")
+    p.set_defaults(func=lambda args: __import__("csm_plugin.bench", fromlist=["main"]).main(args))
 
     p = sub.add_parser("make-test-checkpoint", help="write a small random checkpoint for tests and offline demos")
     p.add_argument("dir")

@@ -245,8 +245,9 @@ class Engine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str = torch.float32,
         slots: int = 1,
+        quantize: str | None = None,
     ) -> "Engine":
-        return cls(load_checkpoint(model, device=device, dtype=parse_dtype(dtype)), slots=slots)
+        return cls(load_checkpoint(model, device=device, dtype=parse_dtype(dtype), quantize=quantize), slots=slots)
 
     @property
     def max_positions(self) -> int:

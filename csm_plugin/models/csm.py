@@ -124,9 +124,15 @@ class KVCache(nn.Module):
     def slots(self) -> int:
         return self.k.shape[1]
 
-    def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, slots: torch.Tensor | None, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, kv_heads, T, head_dim] at positions [B, T] of `slots` [B]; return the
-        cache of those slots up to the furthest position written: [B, kv_heads, L, head_dim]."""
+        cache of those slots up to the furthest position written: [B, kv_heads, L, head_dim].
+        slots=None means slots 0..B-1 all at the same positions (the depth decoder): plain slices."""
+        if slots is None:
+            B, start, length = k.shape[0], int(positions[0, 0]), int(positions[0, -1]) + 1
+            self.k[layer, :B, :, start:length] = k
+            self.v[layer, :B, :, start:length] = v
+            return self.k[layer, :B, :, :length], self.v[layer, :B, :, :length]
         index = (slots[:, None], slice(None), positions)  # advanced indices put [B, T] first
         self.k[layer][index] = k.transpose(1, 2)
         self.v[layer][index] = v.transpose(1, 2)
@@ -205,8 +211,9 @@ class Transformer(nn.Module):
         self.rope_cos = angles.cos()
         self.rope_sin = angles.sin()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor):
-        """x [B, T, dim], positions [B, T] (absolute, per stream), slots [B] -> [B, T, dim]."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor | None):
+        """x [B, T, dim], positions [B, T] (absolute, per stream), slots [B] -> [B, T, dim]
+        (slots None: streams 0..B-1 at the same positions, see KVCache.update)."""
         if int(positions.max()) >= self.cfg.max_seq_len:
             raise ContextTooLongError(
                 f"position {int(positions.max())} is past the model's {self.cfg.max_seq_len} positions"
@@ -214,10 +221,13 @@ class Transformer(nn.Module):
         cos = self.rope_cos[positions][:, None]  # [B, 1, T, Dh], fp32
         sin = self.rope_sin[positions][:, None]
         length = int(positions.max()) + 1
-        # Causal over absolute positions: a query sees every key at or before its own position.
-        # Keys past it (stale entries of an earlier, longer history) are masked out.
-        mask = torch.arange(length, device=x.device)[None, None, :] <= positions[:, :, None]
-        mask = mask[:, None]  # [B, 1, T, L]
+        if x.shape[1] == 1 and (slots is None or x.shape[0] == 1):
+            mask = None  # one query per stream, at the last position read: it sees every key
+        else:
+            # Causal over absolute positions: a query sees every key at or before its own position.
+            # Keys past it (stale entries of an earlier, longer history) are masked out.
+            mask = torch.arange(length, device=x.device)[None, None, :] <= positions[:, :, None]
+            mask = mask[:, None]  # [B, 1, T, L]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, slots, positions)
         return self.norm(x)
@@ -281,8 +291,7 @@ class CSM(nn.Module):
         assert self.decoder_cache is not None, "call setup_caches() first"
         B, T, _ = x.shape
         positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-        slots = torch.arange(B, device=x.device)
-        return self.decoder(self.projection(x), positions, self.decoder_cache, slots)
+        return self.decoder(self.projection(x), positions, self.decoder_cache, None)
 
     def depth_logits(self, h: torch.Tensor, i: int) -> torch.Tensor:
         """Decoder output h [B, decoder dim] -> logits of codebook i (1..31) [B, audio vocab]."""
@@ -291,3 +300,16 @@ class CSM(nn.Module):
     def embed_code(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:
         """codes [B] of one codebook -> [B, 1, backbone dim]."""
         return self.audio_embeddings(codes + codebook * self.cfg.audio_vocab_size)[:, None]
+
+
+def quantize_int8(model: CSM) -> CSM:
+    """Dynamic int8 quantization of the transformers' and heads' linear layers (CPU only): a
+    frame reads about a quarter of the fp32 bytes, and CPU decoding is memory-bound.
+    Per-channel weight scales keep logits close to fp32."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    if model.codebook0_head.weight.device.type != "cpu" or model.codebook0_head.weight.dtype != torch.float32:
+        raise ValueError("int8 quantization needs an fp32 model on the CPU")
+    for name in ("backbone", "decoder"):
+        setattr(model, name, quantize_dynamic(getattr(model, name), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8))
+    return model

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from ..prompt import TextTokenizer
-from .csm import CSM, FLAVORS, CSMConfig, RopeScaling, TransformerConfig
+from .csm import CSM, FLAVORS, CSMConfig, RopeScaling, TransformerConfig, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -389,8 +389,10 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
+    quantize: str | None = None,
 ) -> LoadedCheckpoint:
-    """Load a CSM checkpoint (folder or hub repo id, either format), its tokenizer and Mimi."""
+    """Load a CSM checkpoint (folder or hub repo id, either format), its tokenizer and Mimi.
+    quantize="int8" quantizes the linear layers (CPU, fp32 only)."""
     from .mimi import MimiConfig, load_mimi, mimi_from_state_dict
 
     path = resolve_model_path(model, revision)
@@ -401,12 +403,7 @@ def load_checkpoint(
             path = resolve_model_path(model, revision)
     state = read_tensors(path)
     codec_state = {k[len("codec_model."):]: state.pop(k) for k in [k for k in state if k.startswith("codec_model.")]}
-    weights = to_internal(state, fmt, cfg)
-    with torch.device("meta"):
-        csm = CSM(cfg)
-    csm.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True, strict=True)
-    csm.reset_buffers()
-    csm = csm.to(device).eval()
+    csm = build_model(cfg, to_internal(state, fmt, cfg), device=device, dtype=dtype, quantize=quantize)
 
     tokenizer = TextTokenizer.from_file(_tokenizer_file(path, raw), bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
 
@@ -422,6 +419,27 @@ def load_checkpoint(
     codec = codec.to(device).float().eval()
     log.info("loaded %s (%s format) on %s as %s", path, fmt, device, dtype)
     return LoadedCheckpoint(path, fmt, cfg, csm, tokenizer, codec)
+
+
+def build_model(
+    cfg: CSMConfig,
+    weights: dict[str, torch.Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
+) -> CSM:
+    """A CSM from weights under csm.py's names, without allocating random weights first."""
+    if quantize not in (None, "int8"):
+        raise CheckpointError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize and (torch.device(device).type != "cpu" or dtype != torch.float32):
+        raise CheckpointError("int8 quantization runs on the CPU in float32; use bfloat16 on CUDA instead")
+    with torch.device("meta"):
+        model = CSM(cfg)
+    model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True, strict=True)
+    model.reset_buffers()
+    model = model.to(device).eval()
+    return quantize_int8(model) if quantize else model
 
 
 def _tokenizer_file(path: Path, raw: dict) -> Path:
