@@ -139,27 +139,6 @@ class FrameGenerator:
     def frame_noise(self, seed: int, frame: int) -> torch.Tensor:
         return frame_gumbel_noise(seed, frame, self.cfg.num_codebooks, self.cfg.audio_vocab_size, self.device)
 
-    def generate(
-        self, tokens: torch.Tensor, mask: torch.Tensor, text: str, sampling: Sampling = Sampling(), slot: int = 0
-    ) -> Iterator[torch.Tensor]:
-        """Prefill a whole prompt into `slot`, then yield frames (codes [32], on CPU) until the
-        all-zero end-of-audio frame (not yielded) or the length cap."""
-        h = self.prefill(slot, tokens, mask)[None]
-        position = tokens.shape[0]
-        limit = min(max_frames_for_text(text, sampling.max_audio_ms), self.max_positions - position)
-        if limit < 1:
-            raise ContextTooLongError(f"the prompt ({position} rows) leaves no room for audio")
-        slots = torch.tensor([slot])
-        for frame in range(limit):
-            noise = self.frame_noise(sampling.seed, frame)[None]
-            codes = self.sample_frames(h, noise, sampling.temperature, sampling.top_k)
-            if not codes.any():
-                return
-            yield codes[0].cpu()
-            if frame + 1 < limit:
-                h = self.feed_frames(slots, codes, torch.tensor([position]))
-                position += 1
-
 
 @dataclass(frozen=True)
 class AudioFrame:

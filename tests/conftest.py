@@ -39,3 +39,10 @@ def hf_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sesame_checkpoint(tmp_path_factory):
     return make_test_checkpoint(tmp_path_factory.mktemp("ckpt-sesame"), "sesame", seed=0)
+
+
+def generate_codes(loaded, context, speaker: int, text: str, sampling) -> list[torch.Tensor]:
+    """The frames (codes [32] each) the engine speaks for `text` after `context`."""
+    from csm_plugin.engine import Engine
+
+    return [frame.codes for frame in Engine(loaded).synthesize(context, speaker, text, sampling)]

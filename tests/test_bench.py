@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from csm_plugin.cli import main
-from csm_plugin.engine import FrameGenerator, Sampling
+from csm_plugin.engine import Sampling
 from csm_plugin.errors import CheckpointError
 from csm_plugin.models.loading import load_checkpoint
 from csm_plugin.prompt import build_prompt
+
+from conftest import generate_codes
 
 
 def test_bench_tiny_writes_its_json(tmp_path):
@@ -41,7 +43,7 @@ def test_int8_model_is_close_to_fp32(hf_checkpoint):
             logits.append(loaded.model.codebook0_logits(h)[0])
     assert logits[0].shape == logits[1].shape
     assert float((logits[1] - logits[0]).abs().max() / logits[0].abs().max()) < 0.1
-    frames = list(FrameGenerator(int8.model).generate(tokens, mask, "Hi.", Sampling(max_audio_ms=400)))
+    frames = generate_codes(int8, [], 0, "Hi.", Sampling(max_audio_ms=400))
     assert len(frames) == 5 and all(f.shape == (32,) for f in frames)
     with pytest.raises(CheckpointError, match="int8"):
         load_checkpoint(hf_checkpoint, dtype=torch.bfloat16, quantize="int8")

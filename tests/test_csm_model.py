@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from csm_plugin.engine import FrameGenerator, Sampling
+from csm_plugin.engine import Sampling
 from csm_plugin.errors import CheckpointError, InputError
 from csm_plugin.models.loading import (
     bundled_tokenizer_file,
@@ -24,7 +24,7 @@ from csm_plugin.models.loading import (
 from csm_plugin.models.mimi import MimiConfig
 from csm_plugin.prompt import Segment, build_prompt
 
-from conftest import randomize_
+from conftest import generate_codes, randomize_
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +68,11 @@ def reference_embeddings(model, tokens: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 def backbone_logits(loaded, tokens, mask):
-    gen = FrameGenerator(loaded.model)
+    loaded.model.setup_caches(1)
     with torch.inference_mode():
         x = loaded.model.embed_rows(tokens[None], mask[None])
         h = loaded.model.backbone_forward(x, torch.arange(tokens.shape[0])[None], torch.tensor([0]))
-        return loaded.model.codebook0_logits(h)[0], h[0, -1], gen
+        return loaded.model.codebook0_logits(h)[0], h[0, -1]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,19 +98,19 @@ def test_backbone_logits_match_transformers(reference, ours):
     tokens, mask = build_prompt(ours.tokenizer, *conversation())
     with torch.no_grad():
         expected = model(inputs_embeds=reference_embeddings(model, tokens, mask)).logits[0]
-    logits, _, _ = backbone_logits(ours, tokens, mask)
+    logits, _ = backbone_logits(ours, tokens, mask)
     assert logits.shape == expected.shape == (tokens.shape[0], 2051)
     assert rel_err(logits, expected) < 1e-4
     # The audio context matters: other codes give other logits (random weights hide nothing here).
     other_tokens, _ = build_prompt(ours.tokenizer, *conversation(codes_seed=1))
-    other, _, _ = backbone_logits(ours, other_tokens, mask)
+    other, _ = backbone_logits(ours, other_tokens, mask)
     assert rel_err(other[-1], logits[-1]) > 1e-2
 
 
 def test_depth_decoder_logits_match_transformers(reference, ours):
     model, _ = reference
     tokens, mask = build_prompt(ours.tokenizer, *conversation())
-    _, h, gen = backbone_logits(ours, tokens, mask)
+    _, h = backbone_logits(ours, tokens, mask)
     codes = torch.randint(0, 2048, (1, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ids = torch.nn.functional.pad(codes[:, :31], (1, 0))  # position 0: placeholder for h
@@ -130,7 +130,7 @@ def test_greedy_generation_matches_transformers(reference, ours):
     model, _ = reference
     context, speaker, text = conversation()
     tokens, mask = build_prompt(ours.tokenizer, context, speaker, text)
-    frames = list(FrameGenerator(ours.model).generate(tokens, mask, text, Sampling(top_k=1, max_audio_ms=960)))
+    frames = generate_codes(ours, context, speaker, text, Sampling(top_k=1, max_audio_ms=960))
     assert len(frames) == 12
     with torch.no_grad():
         expected = model.generate(
@@ -179,12 +179,12 @@ def test_sesame_format_gives_the_same_outputs(reference, ours, tmp_path, as_ckpt
     assert not torch.equal(raw["backbone.layers.0.attn.q_proj.weight"], ours.model.backbone.layers[0].attn.wq.weight)
     context, speaker, text = conversation()
     tokens, mask = build_prompt(ours.tokenizer, context, speaker, text)
-    a, _, _ = backbone_logits(ours, tokens, mask)
-    b, _, _ = backbone_logits(theirs, tokens, mask)
+    a, _ = backbone_logits(ours, tokens, mask)
+    b, _ = backbone_logits(theirs, tokens, mask)
     assert rel_err(b, a) < 1e-5
     sampling = Sampling(top_k=1, max_audio_ms=800)
-    fa = list(FrameGenerator(ours.model).generate(tokens, mask, text, sampling))
-    fb = list(FrameGenerator(theirs.model).generate(tokens, mask, text, sampling))
+    fa = generate_codes(ours, context, speaker, text, sampling)
+    fb = generate_codes(theirs, context, speaker, text, sampling)
     assert torch.equal(torch.stack(fa), torch.stack(fb))
 
 
@@ -194,7 +194,7 @@ def test_own_test_checkpoint_loads_in_transformers(hf_checkpoint):
     tokens, mask = build_prompt(loaded.tokenizer, *conversation())
     with torch.no_grad():
         expected = model(inputs_embeds=reference_embeddings(model, tokens, mask)).logits[0]
-    logits, _, _ = backbone_logits(loaded, tokens, mask)
+    logits, _ = backbone_logits(loaded, tokens, mask)
     assert rel_err(logits, expected) < 1e-4
 
 
@@ -211,10 +211,10 @@ def test_bf16_is_close_to_fp32(hf_checkpoint):
     assert bf16.model.codebook0_head.weight.dtype == torch.bfloat16
     assert next(bf16.codec.parameters()).dtype == torch.float32  # Mimi stays fp32
     tokens, mask = build_prompt(fp32.tokenizer, *conversation())
-    a, _, _ = backbone_logits(fp32, tokens, mask)
-    b, _, _ = backbone_logits(bf16, tokens, mask)
+    a, _ = backbone_logits(fp32, tokens, mask)
+    b, _ = backbone_logits(bf16, tokens, mask)
     assert rel_err(b.float(), a) < 0.1
-    frames = list(FrameGenerator(bf16.model).generate(tokens, mask, "Hi.", Sampling(seed=1)))
+    frames = generate_codes(bf16, conversation()[0], 0, "Hi.", Sampling(seed=1))
     assert frames and all(f.shape == (32,) and 0 <= int(f.min()) and int(f.max()) < 2051 for f in frames)
 
 

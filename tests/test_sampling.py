@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csm_plugin.engine import FrameGenerator, Sampling, frame_gumbel_noise, max_frames_for_text, sample_topk
+from csm_plugin.engine import Engine, Sampling, frame_gumbel_noise, max_frames_for_text, sample_topk
 from csm_plugin.errors import ContextTooLongError, InputError
 from csm_plugin.models.loading import load_checkpoint
 from csm_plugin.prompt import build_prompt
+
+from conftest import generate_codes
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +53,8 @@ def test_bad_sampling_settings(kwargs):
 
 
 def test_seed_gives_repeatable_codes(loaded):
-    tokens, mask = build_prompt(loaded.tokenizer, [], 0, "Hello there.")
-    gen = FrameGenerator(loaded.model)
-
     def run(seed):
-        return torch.stack(list(gen.generate(tokens, mask, "Hello there.", Sampling(seed=seed, max_audio_ms=800))))
+        return torch.stack(generate_codes(loaded, [], 0, "Hello there.", Sampling(seed=seed, max_audio_ms=800)))
 
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a, b)
@@ -63,26 +62,26 @@ def test_seed_gives_repeatable_codes(loaded):
 
 
 def test_stops_at_length_cap_and_on_the_all_zero_frame(loaded):
-    tokens, mask = build_prompt(loaded.tokenizer, [], 0, "Hello there.")
-    assert len(list(FrameGenerator(loaded.model).generate(tokens, mask, "x", Sampling(max_audio_ms=400)))) == 5
+    assert len(generate_codes(loaded, [], 0, "Hello there.", Sampling(max_audio_ms=400))) == 5
     # the default cap follows the text length
     assert max_frames_for_text("a" * 80) > max_frames_for_text("a" * 8) >= 25
 
-    class StopsAtFrame3(FrameGenerator):
-        frame = 0
+    engine = Engine(loaded)
+    sample_frames, calls = engine.generator.sample_frames, []
 
-        def sample_frames(self, h, noise, temperature, top_k):
-            codes = super().sample_frames(h, noise, temperature, top_k)
-            self.frame += 1
-            return codes * 0 if self.frame == 4 else codes
+    def stops_at_frame_4(*args):
+        calls.append(1)
+        codes = sample_frames(*args)
+        return codes * 0 if len(calls) == 4 else codes
 
-    frames = list(StopsAtFrame3(loaded.model).generate(tokens, mask, "Hello there.", Sampling()))
+    engine.generator.sample_frames = stops_at_frame_4
+    frames = list(engine.synthesize([], 0, "Hello there.", Sampling()))
     assert len(frames) == 3  # the end-of-audio frame itself is not emitted
 
 
 def test_prompt_longer_than_the_model_is_refused(loaded):
     text = "word " * 2100
-    tokens, mask = build_prompt(loaded.tokenizer, [], 0, text)
+    tokens, _ = build_prompt(loaded.tokenizer, [], 0, text)
     assert tokens.shape[0] > loaded.config.backbone.max_seq_len
     with pytest.raises(ContextTooLongError):
-        next(FrameGenerator(loaded.model).generate(tokens, mask, text, Sampling()))
+        next(Engine(loaded).synthesize([], 0, text, Sampling()))
