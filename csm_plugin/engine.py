@@ -14,9 +14,9 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Hashable, Iterator
-from types import GeneratorType
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from types import GeneratorType
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ from .prompt import Segment, audio_rows, segment_rows, text_rows
 log = logging.getLogger(__name__)
 
 FRAME_MS = 80
-FRAMES_PER_SECOND = 1000 / FRAME_MS
 
 
 @dataclass(frozen=True)
@@ -121,9 +120,10 @@ class FrameGenerator:
 
     @torch.inference_mode()
     def sample_frames(
-        self, h: torch.Tensor, noise: torch.Tensor, temperature: float, top_k: int
+        self, h: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor | float, top_k: torch.Tensor | int
     ) -> torch.Tensor:
-        """Backbone hidden h [B, dim] + noise [B, 32, V] -> codes [B, 32]: codebook 0 from the
+        """Backbone hidden h [B, dim] + noise [B, 32, V] + per-stream temperature and top_k [B]
+        -> codes [B, 32]: codebook 0 from the
         backbone head, codebooks 1..31 from the depth decoder, whose cache restarts every frame."""
         m = self.model
         codes = torch.empty(h.shape[0], self.cfg.num_codebooks, dtype=torch.long, device=self.device)
@@ -244,8 +244,8 @@ class Engine:
     def slot_for(self, owner: Hashable) -> int:
         """The slot `owner` holds, or a free one, or the least recently used one (evicted)."""
         if owner in self._lru:
-            if self.slots[self._lru[owner]].busy:
-                raise SlotsBusyError(f"the cache of {owner!r} is being prefilled")
+            if self.slots[self._lru[owner]].in_use:
+                raise SlotsBusyError(f"the cache of {owner!r} is being written (a prefill or a reply)")
             self._lru.move_to_end(owner)
             return self._lru[owner]
         if len(self._lru) < len(self.slots):
