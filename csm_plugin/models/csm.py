@@ -124,19 +124,19 @@ class KVCache(nn.Module):
     def slots(self) -> int:
         return self.k.shape[1]
 
-    def update(self, layer: int, slots: torch.Tensor | None, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, slots: torch.Tensor | None, positions: torch.Tensor, length: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, kv_heads, T, head_dim] at positions [B, T] of `slots` [B]; return the
-        cache of those slots up to the furthest position written: [B, kv_heads, L, head_dim].
-        slots=None means slots 0..B-1 all at the same positions (the depth decoder): plain slices."""
+        cache of those slots up to `length` (one past the furthest position): [B, kv_heads, L, head_dim].
+        slots=None means slots 0..B-1 all at the same positions (the depth decoder): plain slices.
+        `length` comes from the caller so a step reads positions back to the host once, not per layer."""
         if slots is None:
-            B, start, length = k.shape[0], int(positions[0, 0]), int(positions[0, -1]) + 1
+            B, start = k.shape[0], length - k.shape[2]
             self.k[layer, :B, :, start:length] = k
             self.v[layer, :B, :, start:length] = v
             return self.k[layer, :B, :, :length], self.v[layer, :B, :, :length]
         index = (slots[:, None], slice(None), positions)  # advanced indices put [B, T] first
         self.k[layer][index] = k.transpose(1, 2)
         self.v[layer][index] = v.transpose(1, 2)
-        length = int(positions.max()) + 1
         return (
             self.k[layer, :, :, :length].index_select(0, slots),
             self.v[layer, :, :, :length].index_select(0, slots),
@@ -152,14 +152,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, slots, positions):
+    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, slots, positions, length: int):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = (q * cos + rotate_half(q) * sin).to(x.dtype)
         k = (k * cos + rotate_half(k) * sin).to(x.dtype)
-        k, v = cache.update(layer, slots, positions, k, v)  # [B, Hkv, L, Dh]
+        k, v = cache.update(layer, slots, positions, length, k, v)  # [B, Hkv, L, Dh]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -183,8 +183,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer, slots, positions):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, slots, positions)
+    def forward(self, x, cos, sin, mask, cache, layer, slots, positions, length):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, slots, positions, length)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -214,13 +214,11 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor | None):
         """x [B, T, dim], positions [B, T] (absolute, per stream), slots [B] -> [B, T, dim]
         (slots None: streams 0..B-1 at the same positions, see KVCache.update)."""
-        if int(positions.max()) >= self.cfg.max_seq_len:
-            raise ContextTooLongError(
-                f"position {int(positions.max())} is past the model's {self.cfg.max_seq_len} positions"
-            )
+        length = int(positions.max()) + 1  # the one host sync of a forward pass
+        if length > self.cfg.max_seq_len:
+            raise ContextTooLongError(f"position {length - 1} is past the model's {self.cfg.max_seq_len} positions")
         cos = self.rope_cos[positions][:, None]  # [B, 1, T, Dh], fp32
         sin = self.rope_sin[positions][:, None]
-        length = int(positions.max()) + 1
         if x.shape[1] == 1 and (slots is None or x.shape[0] == 1):
             mask = None  # one query per stream, at the last position read: it sees every key
         else:
@@ -229,7 +227,7 @@ class Transformer(nn.Module):
             mask = torch.arange(length, device=x.device)[None, None, :] <= positions[:, :, None]
             mask = mask[:, None]  # [B, 1, T, L]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, slots, positions)
+            x = layer(x, cos, sin, mask, cache, i, slots, positions, length)
         return self.norm(x)
 
 
