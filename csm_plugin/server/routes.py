@@ -30,7 +30,7 @@ from .protocol import (
     describe_validation_error,
     error_code,
 )
-from .sessions import append_turn, worker_alive
+from .sessions import add_turn, worker_alive
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +187,7 @@ async def speech(request: web.Request) -> web.Response:
     start = time.perf_counter()
     try:
         for segment, origin, audio in context:
-            if audio is not None:
-                await conv.add_segment(segment.speaker, segment.text, audio=audio[0], sample_rate=audio[1])
-            else:
-                await append_turn(conv, segment, origin)
+            await add_turn(conv, segment, origin, audio)
         pcm = []
         async for chunk in conv.speak(
             req.text,

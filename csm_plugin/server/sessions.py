@@ -34,9 +34,11 @@ def voice_segments(conv: Conversation) -> list[Segment]:
     return [t.segment for t in conv.turns if t.origin == "voice"]
 
 
-async def append_turn(conv: Conversation, segment: Segment, origin: str) -> None:
-    """Add a turn whose codes are known (a replayed history, or codes sent by the client)."""
-    await conv.add_segment(segment.speaker, segment.text, codes=segment.codes, origin=origin)
+async def add_turn(conv: Conversation, segment: Segment, origin: str, audio: tuple | None = None) -> None:
+    """Add a wire segment: with its codes (a replayed history, or codes sent by the client), with
+    audio (samples, rate) to encode, or text only."""
+    samples, rate = audio if audio is not None else (None, None)
+    await conv.add_segment(segment.speaker, segment.text, samples, rate, codes=segment.codes, origin=origin)
 
 
 def worker_alive(service: CSMService) -> bool:

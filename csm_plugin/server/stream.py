@@ -19,7 +19,6 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from ..audio import SAMPLE_RATE
 from ..engine import FRAME_MS
 from ..errors import CSMError
-from ..prompt import Segment
 from ..service import AudioChunk
 from .app import STATE, ServerState
 from .auth import Principal
@@ -43,7 +42,7 @@ from .protocol import (
     segment_out,
 )
 from .routes import authenticate, check_ready, check_text, error_response, reply_ms, segment_from_wire
-from .sessions import Session, append_turn, voice_segments
+from .sessions import Session, add_turn, voice_segments
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +260,7 @@ class Connection:
             await self._forget(session)
         session = sessions.create(self.key_id, self.conversation_id, voices)
         for segment, origin in turns:
-            await append_turn(session.conv, segment, origin)
+            await add_turn(session.conv, segment, origin)
         await self._take(session)
         await self._ready(message.id, "restored")
 
@@ -277,18 +276,9 @@ class Connection:
 
     async def add_segment(self, message: AddSegment) -> None:
         state = self.state
-        check_text(state, message.text)
-        if message.audio is not None and message.codes is not None:
-            raise ProtocolError(Code.BAD_MESSAGE, "send audio or codes, not both")
         item = SegmentIn.model_construct(speaker=message.speaker, text=message.text, codes=message.codes, audio=message.audio)
         segment, _, audio = segment_from_wire(state, item, allow_audio=True)
-        conv = self.session.conv
-        if audio is not None:
-            await conv.add_segment(segment.speaker, segment.text, audio=audio[0], sample_rate=audio[1])
-        elif segment.codes is not None:
-            await append_turn(conv, Segment(segment.speaker, segment.text.strip(), segment.codes), "user")
-        else:
-            await conv.add_segment(segment.speaker, segment.text)
+        await add_turn(self.session.conv, segment, "user", audio)
         turns = self.session.turns()
         await self.send({"type": "added", "re": message.id, "segment": segment_out(*turns[-1]), "turns": len(turns)})
 
