@@ -58,7 +58,7 @@ def write_wav(path: Path, pcm: np.ndarray, sample_rate: int = 24_000) -> None:
 
 
 def speak_to_file(engine, context, speaker, text, sampling, out: Path, codes_out: Path | None = None):
-    """Generate one utterance, print timings, write the WAV; return the frames' codes [F, 32]."""
+    """Generate one utterance, print timings, write the WAV; return its codes [F, 32] and samples."""
     import torch
 
     start = time.perf_counter()
@@ -78,7 +78,7 @@ def speak_to_file(engine, context, speaker, text, sampling, out: Path, codes_out
         f"{out}: {len(frames)} frames, {seconds:.2f} s of audio in {elapsed:.2f} s "
         f"(first audio after {first or 0:.2f} s, real-time factor {elapsed / max(seconds, 1e-9):.2f})"
     )
-    return codes
+    return codes, pcm
 
 
 def sampling_from(args):
@@ -119,11 +119,9 @@ def cmd_demo(args) -> None:
     parts = []
     for i, (speaker, text) in enumerate(DEMO_LINES):
         print(f"[{speaker}] {text}")
-        codes = speak_to_file(engine, context, speaker, text, sampling_from(args), out / f"demo_{i + 1}_speaker{speaker}.wav")
+        codes, pcm = speak_to_file(engine, context, speaker, text, sampling_from(args), out / f"demo_{i + 1}_speaker{speaker}.wav")
         context.append(Segment(speaker, text, codes if len(codes) else None))
-        import soundfile as sf
-
-        parts.append(sf.read(out / f"demo_{i + 1}_speaker{speaker}.wav", dtype="float32")[0])
+        parts.append(pcm)
     write_wav(out / "demo_conversation.wav", np.concatenate(parts))
     print(f"The whole exchange: {out / 'demo_conversation.wav'}")
 

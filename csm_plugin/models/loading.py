@@ -399,8 +399,7 @@ def load_checkpoint(
     fmt, cfg, raw = read_config(path)
     if fmt == "sesame" and not (path / "model.safetensors").exists() and not (path / "ckpt.pt").exists():
         if not Path(str(model)).expanduser().is_dir():  # a hub repo without safetensors
-            _download(str(model), revision, filename="ckpt.pt")
-            path = resolve_model_path(model, revision)
+            path = _download(str(model), revision, filename="ckpt.pt").parent
     state = read_tensors(path)
     codec_state = {k[len("codec_model."):]: state.pop(k) for k in [k for k in state if k.startswith("codec_model.")]}
     csm = build_model(cfg, to_internal(state, fmt, cfg), device=device, dtype=dtype, quantize=quantize)
@@ -464,10 +463,8 @@ def tiny_config() -> CSMConfig:
 def random_weights(cfg: CSMConfig, seed: int, std: float = 0.1) -> dict[str, torch.Tensor]:
     """Random weights under csm.py's names; std large enough that logits are well separated."""
     g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in CSM(cfg).state_dict().items()}
     out = {}
-    for k, shape in shapes.items():
+    for k, shape in _expected_shapes(cfg).items():
         if k.endswith("norm.weight"):
             out[k] = 1.0 + 0.1 * torch.randn(shape, generator=g)
         elif "embeddings" in k:
