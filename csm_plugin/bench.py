@@ -87,7 +87,7 @@ def per_frame_split(engine: Engine, context, sampling, frames: int) -> dict:
             if stream.codes:
                 stream.h = g.feed_frames(torch.tensor([stream.slot]), stream.codes[-1][None], torch.tensor([stream.frames_start + i - 1]))
             t1 = _now(device)
-            codes = g.sample_frames(stream.h, g.frame_noise(0, i)[None], torch.tensor([sampling.temperature]), torch.tensor([sampling.top_k]))[0].cpu()
+            codes = g.sample_frames(stream.h, [sampling.seed], [i], [sampling.temperature], [sampling.top_k])[0].cpu()
             t2 = _now(device)
             engine.codec.decode_step(codes[None, :, None], stream.codec_state)
             t3 = _now(device)

@@ -7,6 +7,7 @@ logits, which samples softmax(logits / T) restricted to the top k.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -60,40 +61,107 @@ def max_frames_for_text(text: str, max_audio_ms: float | None = None) -> int:
     return max(1, int(max_audio_ms // FRAME_MS))
 
 
-def frame_gumbel_noise(seed: int, frame: int, num_codebooks: int, vocab: int, device) -> torch.Tensor:
-    """Gumbel noise [num_codebooks, vocab] that depends only on (seed, frame)."""
-    g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + frame) % (2**63))
-    u = torch.rand(num_codebooks, vocab, generator=g).clamp_(min=1e-10, max=1 - 1e-7)
-    return (-torch.log(-torch.log(u))).to(device)
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2**32 for x in [0, 2**32) without leaving int64's range (no overflow)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with good avalanche (Wellons' lowbias32) on int64 tensors in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def noise_keys(seeds: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Per-stream keys [B] for one frame's sampling noise, from seeds and frame numbers [B]."""
+    return _hash32(_hash32(seeds & _MASK32) ^ (frames & _MASK32))
+
+
+def gumbel_noise(keys: torch.Tensor, codebook: int, index: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [B, n] for codes `index` [B, n] of `codebook`: a pure function of (key, codebook,
+    code), computed on the model's device. Counter-based rather than a random stream, so a stream's
+    codes do not depend on its batch, and the whole frame can run in one compiled graph."""
+    salt = _hash32(keys ^ (codebook * 0x9E3779B9 & _MASK32))  # [B]
+    bits = _hash32((salt[:, None] + index) & _MASK32) >> 8  # 24 random bits
+    u = (bits.float() + 0.5) / (1 << 24)  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
+
+
+def top_k_bucket(max_top_k: int, vocab: int) -> int:
+    """The static top-k width for a batch: the next power of two (few distinct compiled shapes)."""
+    return min(vocab, 1 << max(0, max_top_k - 1).bit_length())
 
 
 def sample_topk(
-    logits: torch.Tensor, temperature: torch.Tensor | float, top_k: torch.Tensor | int, gumbel: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, k_cap: int, keys: torch.Tensor, codebook: int
 ) -> torch.Tensor:
-    """logits [B, V], per-stream temperature and top_k ([B] or scalars), gumbel [B, V] -> codes [B]."""
-    logits = logits.float()
-    B = logits.shape[0]
-    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).expand(B)
-    top_k = torch.as_tensor(top_k, device=logits.device).expand(B).clamp(max=logits.shape[-1])
-    scaled = logits / temperature[:, None]
-    top = torch.topk(scaled, int(top_k.max()), dim=-1).values  # [B, max k], descending
-    kth = top.gather(1, (top_k - 1)[:, None])
-    sampled = (scaled.masked_fill(scaled < kth, float("-inf")) + gumbel).argmax(-1)
-    return torch.where(top_k == 1, logits.argmax(-1), sampled)
+    """logits [B, V], per-stream temperature [B] and top_k [B] (each <= k_cap), noise keys [B]
+    -> codes [B]. Gumbel-max over the top k: samples softmax(logits / T) restricted to the top k;
+    top_k 1 is greedy. No host sync and static shapes."""
+    scaled = logits.float() / temperature[:, None]
+    values, index = torch.topk(scaled, k_cap, dim=-1)  # [B, k_cap], descending
+    rank = torch.arange(k_cap, device=logits.device)
+    noisy = (values + gumbel_noise(keys, codebook, index)).masked_fill(rank >= top_k[:, None], float("-inf"))
+    return index.gather(1, noisy.argmax(-1, keepdim=True))[:, 0]
+
+
+def first_codebook(
+    model: CSM, h: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, k_cap: int
+) -> torch.Tensor:
+    """Backbone hidden h [B, dim] -> codebook 0 [B] (from the backbone head); also puts h at depth
+    position 0, where each frame's depth pass starts again."""
+    model.decoder_forward(h[:, None], start=0)
+    return sample_topk(model.codebook0_logits(h), temperature, top_k, k_cap, keys, 0)
+
+
+def next_codebook(
+    model: CSM, previous: torch.Tensor, i: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, k_cap: int
+) -> torch.Tensor:
+    """Codes [B] of codebook i - 1 -> codes [B] of codebook i (0-dim tensor, 1..31): one depth
+    decoder step. Static shapes and no host sync, so one compiled graph serves all 31 steps."""
+    d = model.decoder_forward(model.embed_code(previous, i - 1), start=i)[:, -1]
+    return sample_topk(model.depth_logits(d, i), temperature, top_k, k_cap, keys, i)
+
+
+def batch_bucket(batch: int) -> int:
+    """Compiled frames run at a few fixed batch sizes (powers of two); smaller batches are padded."""
+    return 1 << max(0, batch - 1).bit_length()
 
 
 class FrameGenerator:
     """Runs a CSM model for streams that each own a backbone cache slot.
 
-    Not thread-safe: one thread owns a FrameGenerator (the service's inference worker).
+    With compile=True the depth pass (31 decoder steps and the sampling of 32 codebooks) runs
+    as one torch.compile graph per batch bucket: CUDA graphs on GPUs ("reduce-overhead"), fused
+    C++ kernels on CPU. Not thread-safe: one thread owns a FrameGenerator (the service's worker).
     """
 
-    def __init__(self, model: CSM, slots: int = 1):
+    def __init__(self, model: CSM, slots: int = 1, compile: bool = False):
         self.model = model
         self.cfg = model.cfg
         self.device = model.codebook0_head.weight.device
-        if model.backbone_cache is None or model.backbone_cache.slots < slots:
-            model.setup_caches(slots, max_batch=slots)
+        self.compiled = compile
+        rows = batch_bucket(slots) if compile else slots
+        if model.backbone_cache is None or model.backbone_cache.slots < slots or model.decoder_cache.slots < rows:
+            model.setup_caches(slots, max_batch=rows)
+        self._codebook_index = torch.arange(self.cfg.num_codebooks, device=self.device)
+        self._first_codebook = functools.partial(first_codebook, model)
+        self._next_codebook = functools.partial(next_codebook, model)
+        if compile:
+            from torch._dynamo import config as dynamo_config
+
+            # One graph per (batch bucket, top-k bucket) pair.
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._first_codebook = torch.compile(self._first_codebook, mode=mode, dynamic=False, fullgraph=True)
+            self._next_codebook = torch.compile(self._next_codebook, mode=mode, dynamic=False, fullgraph=True)
 
     @property
     def max_positions(self) -> int:
@@ -120,24 +188,25 @@ class FrameGenerator:
 
     @torch.inference_mode()
     def sample_frames(
-        self, h: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor | float, top_k: torch.Tensor | int
+        self, h: torch.Tensor, seeds: list[int], frames: list[int], temperature: list[float], top_k: list[int]
     ) -> torch.Tensor:
-        """Backbone hidden h [B, dim] + noise [B, 32, V] + per-stream temperature and top_k [B]
-        -> codes [B, 32]: codebook 0 from the
-        backbone head, codebooks 1..31 from the depth decoder, whose cache restarts every frame."""
-        m = self.model
-        codes = torch.empty(h.shape[0], self.cfg.num_codebooks, dtype=torch.long, device=self.device)
-        codes[:, 0] = sample_topk(m.codebook0_logits(h), temperature, top_k, noise[:, 0])
-        x = torch.stack([h, m.embed_code(codes[:, 0], 0)[:, 0]], dim=1)  # [B, 2, dim]
-        d = m.decoder_forward(x, start=0)[:, -1]
-        for i in range(1, self.cfg.num_codebooks):
-            codes[:, i] = sample_topk(m.depth_logits(d, i), temperature, top_k, noise[:, i])
-            if i + 1 < self.cfg.num_codebooks:
-                d = m.decoder_forward(m.embed_code(codes[:, i], i), start=i + 1)[:, -1]
-        return codes
-
-    def frame_noise(self, seed: int, frame: int) -> torch.Tensor:
-        return frame_gumbel_noise(seed, frame, self.cfg.num_codebooks, self.cfg.audio_vocab_size, self.device)
+        """Backbone hidden h [B, dim] and each stream's seed, frame number, temperature and top_k
+        -> codes [B, 32]. A stream's codes depend on its own (seed, frame) only, not on its batch."""
+        B = h.shape[0]
+        k_cap = top_k_bucket(max(top_k), self.cfg.audio_vocab_size)
+        pad = batch_bucket(B) - B if self.compiled else 0
+        settings = torch.tensor(
+            [[s % 2**32 for s in seeds] + [0] * pad, [f % 2**32 for f in frames] + [0] * pad, list(top_k) + [1] * pad]
+        ).to(self.device)
+        keys = noise_keys(settings[0], settings[1])
+        temperature = torch.tensor(list(temperature) + [1.0] * pad).to(self.device)
+        if pad:
+            h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
+        top_k = settings[2]
+        codes = [self._first_codebook(h, keys, temperature, top_k, k_cap)]
+        for i in self._codebook_index[1:]:
+            codes.append(self._next_codebook(codes[-1], i, keys, temperature, top_k, k_cap))
+        return torch.stack(codes, dim=1)[:B]
 
 
 @dataclass(frozen=True)
@@ -207,12 +276,12 @@ class Engine:
     conversations' context prefixes. Synchronous and single-threaded: the service's inference
     worker owns it; nothing here knows about asyncio."""
 
-    def __init__(self, checkpoint: LoadedCheckpoint, slots: int = 1, prefill_chunk: int = 256):
+    def __init__(self, checkpoint: LoadedCheckpoint, slots: int = 1, prefill_chunk: int = 256, compile: bool = False):
         self.checkpoint = checkpoint
         self.prefill_chunk = prefill_chunk
         self.tokenizer = checkpoint.tokenizer
         self.codec = checkpoint.codec
-        self.generator = FrameGenerator(checkpoint.model, slots=slots)
+        self.generator = FrameGenerator(checkpoint.model, slots=slots, compile=compile)
         self.slots = [Slot() for _ in range(slots)]
         self._lru: OrderedDict[Hashable, int] = OrderedDict()
 
@@ -225,8 +294,10 @@ class Engine:
         dtype: torch.dtype | str = torch.float32,
         slots: int = 1,
         quantize: str | None = None,
+        compile: bool = False,
     ) -> "Engine":
-        return cls(load_checkpoint(model, device=device, dtype=parse_dtype(dtype), quantize=quantize), slots=slots)
+        checkpoint = load_checkpoint(model, device=device, dtype=parse_dtype(dtype), quantize=quantize)
+        return cls(checkpoint, slots=slots, compile=compile)
 
     @property
     def max_positions(self) -> int:
@@ -353,9 +424,10 @@ class Engine:
                 s.fed += 1
         codes = g.sample_frames(
             torch.cat([s.h for s in streams]),
-            torch.stack([g.frame_noise(s.sampling.seed, len(s.codes)) for s in streams]),
-            torch.tensor([s.sampling.temperature for s in streams]),
-            torch.tensor([s.sampling.top_k for s in streams]),
+            [s.sampling.seed for s in streams],
+            [len(s.codes) for s in streams],
+            [s.sampling.temperature for s in streams],
+            [s.sampling.top_k for s in streams],
         ).cpu()
         frames: list[AudioFrame | None] = []
         for s, c in zip(streams, codes):

@@ -130,9 +130,9 @@ class KVCache(nn.Module):
         slots=None means slots 0..B-1 all at the same positions (the depth decoder): plain slices.
         `length` comes from the caller so a step reads positions back to the host once, not per layer."""
         if slots is None:
-            B, start = k.shape[0], length - k.shape[2]
-            self.k[layer, :B, :, start:length] = k
-            self.v[layer, :B, :, start:length] = v
+            B = k.shape[0]
+            self.k[layer, :B].index_copy_(2, positions[0], k)
+            self.v[layer, :B].index_copy_(2, positions[0], v)
             return self.k[layer, :B, :, :length], self.v[layer, :B, :, :length]
         index = (slots[:, None], slice(None), positions)  # advanced indices put [B, T] first
         self.k[layer][index] = k.transpose(1, 2)
@@ -211,15 +211,23 @@ class Transformer(nn.Module):
         self.rope_cos = angles.cos()
         self.rope_sin = angles.sin()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor | None):
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor | None, static: bool = False
+    ):
         """x [B, T, dim], positions [B, T] (absolute, per stream), slots [B] -> [B, T, dim]
-        (slots None: streams 0..B-1 at the same positions, see KVCache.update)."""
-        length = int(positions.max()) + 1  # the one host sync of a forward pass
-        if length > self.cfg.max_seq_len:
-            raise ContextTooLongError(f"position {length - 1} is past the model's {self.cfg.max_seq_len} positions")
+        (slots None: streams 0..B-1 at the same positions, see KVCache.update).
+        static: read all max_seq_len cache positions, later ones masked, instead of only those up
+        to the furthest position: no host sync and the same shapes at every position, so one
+        compiled graph serves them all (the depth decoder, whose cache is 32 positions long)."""
+        if static:
+            length = self.cfg.max_seq_len
+        else:
+            length = int(positions.max()) + 1  # the one host sync of a backbone pass
+            if length > self.cfg.max_seq_len:
+                raise ContextTooLongError(f"position {length - 1} is past the model's {self.cfg.max_seq_len} positions")
         cos = self.rope_cos[positions][:, None]  # [B, 1, T, Dh], fp32
         sin = self.rope_sin[positions][:, None]
-        if x.shape[1] == 1 and (slots is None or x.shape[0] == 1):
+        if not static and x.shape[1] == 1 and (slots is None or x.shape[0] == 1):
             mask = None  # one query per stream, at the last position read: it sees every key
         else:
             # Causal over absolute positions: a query sees every key at or before its own position.
@@ -283,19 +291,21 @@ class CSM(nn.Module):
     def codebook0_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.codebook0_head(h)
 
-    def decoder_forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def decoder_forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """x [B, T, backbone dim] placed at depth positions start..start+T-1 -> [B, T, decoder dim].
-        Stream b uses decoder cache row b; each frame starts again at position 0."""
+        Stream b uses decoder cache row b; each frame starts again at position 0. `start` may be
+        a 0-dim tensor, so that every depth step runs the same (compiled) graph."""
         assert self.decoder_cache is not None, "call setup_caches() first"
         B, T, _ = x.shape
-        positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-        return self.decoder(self.projection(x), positions, self.decoder_cache, None)
+        positions = (start + torch.arange(T, device=x.device)).expand(B, T)
+        return self.decoder(self.projection(x), positions, self.decoder_cache, None, static=True)
 
-    def depth_logits(self, h: torch.Tensor, i: int) -> torch.Tensor:
+    def depth_logits(self, h: torch.Tensor, i: int | torch.Tensor) -> torch.Tensor:
         """Decoder output h [B, decoder dim] -> logits of codebook i (1..31) [B, audio vocab]."""
-        return h @ self.audio_head[i - 1]
+        index = torch.as_tensor(i, device=h.device).reshape(1) - 1  # index_select: no host read of i
+        return h @ self.audio_head.index_select(0, index)[0]
 
-    def embed_code(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:
+    def embed_code(self, codes: torch.Tensor, codebook: int | torch.Tensor) -> torch.Tensor:
         """codes [B] of one codebook -> [B, 1, backbone dim]."""
         return self.audio_embeddings(codes + codebook * self.cfg.audio_vocab_size)[:, None]
 
