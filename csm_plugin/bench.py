@@ -160,14 +160,17 @@ def transformers_baseline(checkpoint: LoadedCheckpoint, weights, mimi_cfg, conte
     return {"time_to_first_frame_s": first, "frame_ms": 1000 * (longer - first) / frames}
 
 
-def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, baseline=True, quantize=None) -> dict:
+def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, baseline=True, quantize=None, compile=False) -> dict:
     from . import __version__
     from .engine import parse_dtype
 
     dt = parse_dtype(dtype)
     frames = frames or (30 if size == "tiny" else 6)
     checkpoint, weights, mimi_cfg = build(size, device, dt, quantize)
-    engine = Engine(checkpoint, slots=max(2, streams))
+    engine = Engine(checkpoint, slots=max(2, streams), compile=compile)
+    started = time.perf_counter()
+    engine.generator.warm_up(max(2, streams))
+    compile_s = time.perf_counter() - started
     context = conversation(CONTEXT_SECONDS)
     keyed = [(i, s) for i, s in enumerate(context)]
     sampling = Sampling(seed=0, max_audio_ms=60_000)
@@ -185,7 +188,8 @@ def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, bas
                     "torch_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None},
         "versions": {"csm_plugin": __version__, "torch": torch.__version__},
-        "settings": {"size": size, "device": device, "dtype": dtype, "quantize": quantize, "context_seconds": CONTEXT_SECONDS,
+        "settings": {"size": size, "device": device, "dtype": dtype, "quantize": quantize, "compile": compile,
+                     "compile_s": round(compile_s, 1) if compile else None, "context_seconds": CONTEXT_SECONDS,
                      "context_rows": int(build_prompt(checkpoint.tokenizer, context, 1, REPLY_TEXT)[0].shape[0])},
         "time_to_first_audio_ms": {"warm_conversation": 1000 * warm, "full_reprefill": 1000 * min(cold)},
         "per_frame": per_frame_split(engine, keyed, sampling, frames),
@@ -208,7 +212,7 @@ def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, bas
 def main(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.size, args.device, args.dtype, args.streams, args.frames, not args.no_baseline, args.quantize)
+    result = run(args.size, args.device, args.dtype, args.streams, args.frames, not args.no_baseline, args.quantize, args.compile)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

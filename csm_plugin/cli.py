@@ -141,7 +141,7 @@ def cmd_serve(args) -> None:
     config = ServerConfig.load(
         args.config, model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         api_keys_file=args.api_keys_file, allow_no_auth=args.no_auth or None, torch_threads=args.torch_threads,
-        max_cached_conversations=args.max_cached_conversations,
+        max_cached_conversations=args.max_cached_conversations, quantize=args.quantize, compile=args.compile or None,
     )
     serve_main(config)
 
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--quantize", choices=["int8"], help="int8 linear layers (CPU, float32)")
+    p.add_argument("--compile", action="store_true", help="compile the depth pass (CUDA graphs on GPUs); compile time is reported")
     p.add_argument("--streams", type=int, default=64, help="largest batch tried for concurrent streams")
     p.add_argument("--frames", type=int, help="frames timed per measurement (default 30 tiny, 6 full)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-auth", action="store_true", help="accept clients without an API key")
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--max-cached-conversations", type=int, default=None, help="KV-cache slots (default 8)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU, float32): faster on CPU")
+    p.add_argument("--compile", action="store_true", help="compile the depth pass at startup (CUDA graphs on GPUs)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -13,6 +13,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Hashable, Iterator
 from concurrent.futures import Future
@@ -147,6 +148,8 @@ class FrameGenerator:
         self.model = model
         self.cfg = model.cfg
         self.device = model.codebook0_head.weight.device
+        if compile and model.quantized:
+            raise InputError(f"compile does not work with {model.quantized} quantization (torch.compile cannot trace it); choose one")
         self.compiled = compile
         rows = batch_bucket(slots) if compile else slots
         if model.backbone_cache is None or model.backbone_cache.slots < slots or model.decoder_cache.slots < rows:
@@ -166,6 +169,19 @@ class FrameGenerator:
     @property
     def max_positions(self) -> int:
         return self.cfg.backbone.max_seq_len
+
+    def warm_up(self, max_batch: int, top_k: int = Sampling.top_k) -> None:
+        """Compile (and on GPUs capture) the depth pass for every batch bucket up to `max_batch`
+        at `top_k`'s width, so no live reply waits for a compile. Other top-k widths compile when
+        first used."""
+        if not self.compiled:
+            return
+        for batch in sorted({batch_bucket(b) for b in range(1, max_batch + 1)}):
+            started = time.perf_counter()
+            h = torch.zeros(batch, self.cfg.backbone.dim, device=self.device, dtype=self.model.codebook0_head.weight.dtype)
+            for _ in range(3):  # CUDA graph trees warm up, then record, then replay
+                self.sample_frames(h, [0] * batch, [0] * batch, [1.0] * batch, [top_k] * batch)
+            log.info("compiled the depth pass for %d streams in %.1f s", batch, time.perf_counter() - started)
 
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: torch.Tensor, mask: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from csm_plugin.cli import main
-from csm_plugin.engine import Sampling
-from csm_plugin.errors import CheckpointError
+from csm_plugin.engine import Engine, Sampling
+from csm_plugin.errors import CheckpointError, InputError
 from csm_plugin.models.loading import load_checkpoint
 from csm_plugin.prompt import build_prompt
 
@@ -47,3 +47,5 @@ def test_int8_model_is_close_to_fp32(hf_checkpoint):
     assert len(frames) == 5 and all(f.shape == (32,) for f in frames)
     with pytest.raises(CheckpointError, match="int8"):
         load_checkpoint(hf_checkpoint, dtype=torch.bfloat16, quantize="int8")
+    with pytest.raises(InputError, match="compile"):
+        Engine(int8, compile=True)

@@ -257,6 +257,7 @@ class CSM(nn.Module):
         self.reset_buffers()
         self.backbone_cache: KVCache | None = None
         self.decoder_cache: KVCache | None = None
+        self.quantized: str | None = None  # "int8" after quantize_int8()
 
     def reset_buffers(self) -> None:
         """Recompute the non-persistent buffers (after loading weights into a `meta`-built model)."""
@@ -320,4 +321,5 @@ def quantize_int8(model: CSM) -> CSM:
         raise ValueError("int8 quantization needs an fp32 model on the CPU")
     for name in ("backbone", "decoder"):
         setattr(model, name, quantize_dynamic(getattr(model, name), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8))
+    model.quantized = "int8"
     return model

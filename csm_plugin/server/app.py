@@ -39,6 +39,8 @@ class ServerState:
             config.model,
             device=config.device,
             dtype=config.dtype,
+            quantize=config.quantize,
+            compile=config.compile,
             max_cached_conversations=config.max_cached_conversations,
             context_budget=config.limits.context_positions,
             chunk_frames=config.chunk_frames,

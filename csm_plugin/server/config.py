@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -60,6 +60,8 @@ class ServerConfig(BaseModel):
     model: str = "sesame/csm-1b"
     device: str = "cpu"
     dtype: str = "float32"
+    quantize: Literal["int8"] | None = Field(None, description="int8 linear layers (CPU, float32)")
+    compile: bool = Field(False, description="compile the depth pass at startup (CUDA graphs on GPUs)")
     max_cached_conversations: int = Field(8, ge=1, description="KV-cache slots")
     chunk_frames: int = Field(1, ge=1, description="80 ms frames per audio message")
     torch_threads: int | None = Field(None, ge=1)
@@ -139,6 +141,8 @@ _ENV_FIELDS = {
     "MODEL": "model",
     "DEVICE": "device",
     "DTYPE": "dtype",
+    "QUANTIZE": "quantize",
+    "COMPILE": "compile",
     "HOST": "host",
     "PORT": "port",
     "API_KEYS_FILE": "api_keys_file",
