@@ -11,18 +11,45 @@ from csm_plugin.prompt import Segment, build_prompt
 SEEDS, TEMPERATURES, TOP_K = [3, 11, 5], [0.9, 0.7, 1.0], [1, 50, 20]  # greedy and sampled in one batch
 
 
-def hidden_states(engine: Engine) -> torch.Tensor:
-    """Real backbone outputs [3, dim] for three different prompts."""
-    rows = []
-    for slot, text in enumerate(["Hello there.", "How can I help?", "Goodbye now."]):
-        tokens, mask = build_prompt(engine.tokenizer, [Segment(1, "Hi.", torch.randint(0, 2048, (4, 32)))], 0, text)
+def hidden_states(engine: Engine, lengths: list | None = None) -> torch.Tensor:
+    """Real backbone outputs [3, dim] for three prompts of different lengths, in slots 0..2."""
+    rows, g = [], torch.Generator().manual_seed(0)
+    for slot, text in enumerate(["Hello there.", "How can I help you today?", "Goodbye now."]):
+        context = [Segment(1, "Hi.", torch.randint(0, 2048, (4 + 3 * slot, 32), generator=g))]
+        tokens, mask = build_prompt(engine.tokenizer, context, 0, text)
         rows.append(engine.generator.prefill(slot, tokens, mask))
+        if lengths is not None:
+            lengths.append(tokens.shape[0])
     return torch.stack(rows)
 
 
 @pytest.fixture(scope="module")
 def engines(hf_checkpoint):
-    return Engine.load(hf_checkpoint, slots=3), Engine.load(hf_checkpoint, slots=3, compile=True)
+    compiled = Engine.load(hf_checkpoint, slots=3, compile=True)
+    compiled.generator.warm_up(3)  # batch buckets 1, 2 and 4 at the default top-k width (64)
+    return Engine.load(hf_checkpoint, slots=3), compiled
+
+
+def test_compiled_engine_streams_equal_eager_solo_streams(engines):
+    """Three replies batched (4 -> 2 -> 1 rows as they end) equal each one alone, eager; the
+    warm-up compiled every graph they need."""
+    from torch._dynamo.utils import counters
+
+    eager, compiled = engines
+    jobs = [
+        ("Hi! How are you?", Sampling(seed=1, max_audio_ms=640)),
+        ("A different reply entirely.", Sampling(seed=4, temperature=0.7, top_k=40, max_audio_ms=480)),
+        ("Answer.", Sampling(seed=9, top_k=64, max_audio_ms=320)),
+    ]
+    graphs = counters["stats"]["unique_graphs"]
+    streams = [compiled.start(f"s{i}", [], 0, text, sampling) for i, (text, sampling) in enumerate(jobs)]
+    while not all(s.done for s in streams):
+        compiled.step_many([s for s in streams if not s.done])
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while speaking
+    for (text, sampling), stream in zip(jobs, streams):
+        solo = torch.stack([f.codes for f in eager.synthesize([], 0, text, sampling)])
+        assert torch.equal(torch.stack(stream.codes), solo)
+        compiled.finish(stream, None, None)
 
 
 def test_compiled_frames_equal_eager_frames(engines):
@@ -38,6 +65,29 @@ def test_compiled_frames_equal_eager_frames(engines):
         for a, b in [(eager.checkpoint.model.decoder_cache.k, compiled.checkpoint.model.decoder_cache.k),
                      (eager.checkpoint.model.decoder_cache.v, compiled.checkpoint.model.decoder_cache.v)]:
             assert torch.allclose(a[:, :3, :, :32], b[:, :3, :, :32], atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_backbone_step_equals_eager(engines):
+    """One generated frame fed back per stream, each at its own slot and position, twice."""
+    eager, compiled = engines
+    lengths: list[int] = []
+    hidden_states(eager, lengths)
+    hidden_states(compiled)
+    order = torch.tensor([2, 0, 1])  # slots in any order; the batch of 3 is padded to 4
+    positions = torch.tensor(lengths)[order]
+    g = torch.Generator().manual_seed(1)
+    for step in range(2):
+        codes = torch.randint(0, 2048, (3, 32), generator=g)
+        want = eager.generator.feed_frames(order, codes, positions + step)
+        got = compiled.generator.feed_frames(order, codes, positions + step)
+        assert got.shape == want.shape == (3, eager.checkpoint.config.backbone.dim)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    # The padding row wrote only into the scratch slot: the real slots hold the same cache.
+    a, b = eager.checkpoint.model.backbone_cache.k, compiled.checkpoint.model.backbone_cache.k
+    for slot in range(3):
+        n = lengths[slot] + 2
+        assert torch.allclose(a[:, slot, :, :n], b[:, slot, :, :n], atol=1e-5, rtol=1e-4)
+    assert compiled.generator._scratch_slot == 3 and b.shape[1] == 4
 
 
 def test_compiled_streams_stay_independent(engines):

@@ -285,9 +285,9 @@ class CSM(nn.Module):
         """codes [B, 32] -> one audio row per stream [B, 1, dim]."""
         return self.audio_embeddings(codes + self.codebook_offsets).sum(1, keepdim=True)
 
-    def backbone_forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def backbone_forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, static: bool = False) -> torch.Tensor:
         assert self.backbone_cache is not None, "call setup_caches() first"
-        return self.backbone(x, positions, self.backbone_cache, slots)
+        return self.backbone(x, positions, self.backbone_cache, slots, static=static)
 
     def codebook0_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.codebook0_head(h)
