@@ -165,6 +165,7 @@ class FrameGenerator:
             model.setup_caches(cache_slots, max_batch=rows)
         self._codebook_index = torch.arange(self.cfg.num_codebooks, device=self.device)
         self._feed_frame, self._first_codebook, self._next_codebook = feed_frame, first_codebook, next_codebook
+        self._cuda_graphs = compile and self.device.type == "cuda"
         if compile:
             from torch._dynamo import config as dynamo_config
 
@@ -172,7 +173,7 @@ class FrameGenerator:
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             # GPUs: CUDA graphs replay a step's ~100 kernels as one launch. CPU: a C++ wrapper calls
             # the kernels instead of Python (about a third less time per step at small sizes).
-            how = dict(mode="reduce-overhead") if self.device.type == "cuda" else dict(options={"cpp_wrapper": True})
+            how = dict(mode="reduce-overhead") if self._cuda_graphs else dict(options={"cpp_wrapper": True})
             # The module-level functions themselves, not closures or partials (those share one code
             # object, hence one cache, between all of them).
             self._feed_frame = torch.compile(feed_frame, dynamic=False, fullgraph=True, **how)
@@ -182,6 +183,14 @@ class FrameGenerator:
     @property
     def max_positions(self) -> int:
         return self.cfg.backbone.max_seq_len
+
+    def _run(self, step: Callable, *args) -> torch.Tensor:
+        if not self._cuda_graphs:
+            return step(self.model, *args)
+        # A CUDA graph writes its output into the same memory at every replay: each call starts a
+        # new step and the output is copied out before the next replay reuses that memory.
+        torch.compiler.cudagraph_mark_step_begin()
+        return step(self.model, *args).clone()
 
     @torch.inference_mode()  # live inputs are inference tensors; compiled graphs are specialized to that
     def warm_up(self, max_batch: int, top_k: int = Sampling.top_k) -> None:
@@ -220,7 +229,7 @@ class FrameGenerator:
             slots = torch.cat([slots, torch.full((pad,), self._scratch_slot)])
             codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
             positions = torch.cat([positions, positions.new_zeros(pad)])
-        return self._feed_frame(self.model, slots.to(self.device), codes.to(self.device), positions.to(self.device), self.compiled)[:B]
+        return self._run(self._feed_frame, slots.to(self.device), codes.to(self.device), positions.to(self.device), self.compiled)[:B]
 
     @torch.inference_mode()
     def sample_frames(
@@ -239,9 +248,9 @@ class FrameGenerator:
         if pad:
             h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
         top_k = settings[2]
-        codes = [self._first_codebook(self.model, h, keys, temperature, top_k, k_cap)]
+        codes = [self._run(self._first_codebook, h, keys, temperature, top_k, k_cap)]
         for i in self._codebook_index[1:]:
-            codes.append(self._next_codebook(self.model, codes[-1], i, keys, temperature, top_k, k_cap))
+            codes.append(self._run(self._next_codebook, codes[-1], i, keys, temperature, top_k, k_cap))
         return torch.stack(codes, dim=1)[:B]
 
 
