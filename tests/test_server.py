@@ -341,5 +341,10 @@ def test_config_sources_and_safety(tmp_path):
         ServerConfig.load(environ={}, max_text_chars=0)
     assert ServerConfig.load(environ={}, allow_no_auth=True).keys() == []
     assert not ServerConfig.load(environ={}, host="0.0.0.0").binds_loopback_only
-    args = build_parser().parse_args(["serve", "--model", "m", "--port", "0", "--no-auth"])
-    assert args.func.__name__ == "cmd_serve" and args.host is None and args.no_auth
+    speed = ServerConfig.load(environ={"CSM_QUANTIZE": "int8", "CSM_COMPILE": "true"})
+    assert speed.quantize == "int8" and speed.compile is True
+    assert ServerConfig.load(environ={}).compile is False
+    with pytest.raises(ConfigError, match="quantize"):
+        ServerConfig.load(environ={"CSM_QUANTIZE": "int4"})
+    args = build_parser().parse_args(["serve", "--model", "m", "--port", "0", "--no-auth", "--compile", "--quantize", "int8"])
+    assert args.func.__name__ == "cmd_serve" and args.host is None and args.no_auth and args.compile and args.quantize == "int8"

@@ -340,3 +340,15 @@ def test_a_slow_listener_pauses_its_stream(hf_checkpoint):
     ahead, rest, stream = run(main())
     assert ahead <= 3  # generation waited for the listener instead of running to the end
     assert rest + 1 == len(stream.codes) == 50  # then it went on to the end
+
+
+def test_speed_options_reach_the_engine(hf_checkpoint):
+    async def main():
+        async with CSMService(hf_checkpoint, quantize="int8") as service:
+            assert service.engine.checkpoint.model.quantized == "int8" and not service.engine.generator.compiled
+            chunks = [c async for c in service.conversation("q").speak("Hi.", seed=1, max_audio_ms=240)]
+            assert len(chunks) == 3
+        with pytest.raises(InputError, match="compile"):
+            await CSMService(hf_checkpoint, quantize="int8", compile=True).start()
+
+    run(main())
