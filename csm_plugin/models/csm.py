@@ -119,6 +119,8 @@ class KVCache(nn.Module):
         shape = (cfg.n_layers, slots, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("layer_index", torch.arange(cfg.n_layers, device=device), persistent=False)
+        self.register_buffer("head_index", torch.arange(cfg.n_kv_heads, device=device), persistent=False)
 
     @property
     def slots(self) -> int:
@@ -127,16 +129,17 @@ class KVCache(nn.Module):
     def update(self, layer: int, slots: torch.Tensor | None, positions: torch.Tensor, length: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, kv_heads, T, head_dim] at positions [B, T] of `slots` [B]; return the
         cache of those slots up to `length` (one past the furthest position): [B, kv_heads, L, head_dim].
-        slots=None means slots 0..B-1 all at the same positions (the depth decoder): plain slices.
-        `length` comes from the caller so a step reads positions back to the host once, not per layer."""
+        slots=None means slots 0..B-1 (the depth decoder), read back as plain slices.
+        `length` comes from the caller so a step reads positions back to the host once, not per layer.
+        The write is one index_put_ on the whole buffer, not on a view of it: under torch.compile a
+        write through a view can turn into a copy of the whole pool at every step."""
+        rows = torch.arange(k.shape[0], device=k.device) if slots is None else slots
+        # layer, [B, 1, 1], [1, Hkv, 1], [B, 1, T]: broadcast to [B, Hkv, T], k's own layout
+        index = (self.layer_index[layer], rows[:, None, None], self.head_index[None, :, None], positions[:, None, :])
+        self.k.index_put_(index, k)
+        self.v.index_put_(index, v)
         if slots is None:
-            B = k.shape[0]
-            self.k[layer, :B].index_copy_(2, positions[0], k)
-            self.v[layer, :B].index_copy_(2, positions[0], v)
-            return self.k[layer, :B, :, :length], self.v[layer, :B, :, :length]
-        index = (slots[:, None], slice(None), positions)  # advanced indices put [B, T] first
-        self.k[layer][index] = k.transpose(1, 2)
-        self.v[layer][index] = v.transpose(1, 2)
+            return self.k[layer, : k.shape[0], :, :length], self.v[layer, : k.shape[0], :, :length]
         return (
             self.k[layer, :, :, :length].index_select(0, slots),
             self.v[layer, :, :, :length].index_select(0, slots),
