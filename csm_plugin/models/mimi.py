@@ -32,7 +32,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -208,11 +208,15 @@ class MimiConfig:
 
 @dataclass
 class MimiDecodeState:
-    """Everything the decoder remembers between `decode_step` calls, per batch entry (stream).
+    """Everything the decoder remembers between `decode_step` calls, per row (stream).
 
-    Streams are independent: row b of every tensor belongs to stream b only, so a server can
-    batch streams that started at different times. To restart stream b (new utterance), call
-    `state.reset_(mask)` with mask[b] = True, or create a fresh state with `Mimi.decode_state`.
+    Rows are independent: row b of every tensor belongs to one stream only, so a server can
+    batch streams that started at different times. Two ways to use it:
+      * one row per batch entry: `decode_step(codes [B, K, F], state)` advances all B rows;
+      * a pool: `state = mimi.decode_state(capacity)`, each stream owns a row, and
+        `decode_step(codes [n, K, F], state, rows=LongTensor[n])` advances just those rows
+        (codes[i] continues row rows[i]; rows not named are left untouched).
+    To hand a row to a new stream (new utterance), `state.reset_(rows=...)` (or a bool mask).
     All updates are in place, so tensor addresses stay fixed (CUDA-graph friendly).
     """
 
@@ -225,13 +229,26 @@ class MimiDecodeState:
 
     @property
     def batch_size(self) -> int:
+        """Number of rows (the pool's capacity)."""
         return self.pos.shape[0]
 
-    def reset_(self, mask: Tensor | None = None) -> MimiDecodeState:
-        """Reset the streams where `mask` ([B] bool) is True (all streams if None), in place."""
-        if mask is None:
+    def reset_(self, mask: Tensor | None = None, *, rows: Tensor | list[int] | None = None) -> MimiDecodeState:
+        """Reset rows to a fresh (silent-history) state, in place.
+
+        `mask` ([B] bool) selects rows where True; `rows` (integer indices) selects rows by
+        number; neither resets every row.
+        """
+        if mask is not None and rows is not None:
+            raise ValueError("pass either mask or rows to reset_, not both")
+        if rows is not None:
+            idx = _check_rows(rows, self.batch_size, self.pos.device)
+            mask = torch.zeros(self.batch_size, dtype=torch.bool, device=self.pos.device)
+            mask[idx] = True
+        elif mask is None:
             mask = torch.ones(self.batch_size, dtype=torch.bool, device=self.pos.device)
         mask = mask.to(self.pos.device, torch.bool)
+        if mask.shape != (self.batch_size,):
+            raise ValueError(f"mask must have shape [{self.batch_size}], got {tuple(mask.shape)}")
         for t in [*self.conv_tails, *self.convtr_tails]:
             t.masked_fill_(mask.view(-1, 1, 1), 0.0)
         self.k_cache.masked_fill_(mask.view(1, -1, 1, 1, 1), 0.0)
@@ -239,6 +256,89 @@ class MimiDecodeState:
         self.kv_pos.masked_fill_(mask.view(-1, 1), -1)
         self.pos.masked_fill_(mask, 0)
         return self
+
+
+def _check_rows(rows: Tensor | list[int], capacity: int, device: torch.device, n: int | None = None) -> Tensor:
+    """`rows` as a long tensor on `device`, once checked to name distinct rows of a `capacity`-row state.
+
+    Reads the indices on the host (a sync on GPU): a bad index would otherwise corrupt another
+    stream's row silently (index_copy_ with duplicates keeps an arbitrary one).
+    """
+    if isinstance(rows, Tensor):
+        r = rows
+    else:
+        values = list(rows)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"rows must be integer row indices, got {values[:10]}")
+        r = torch.tensor(values, dtype=torch.long)
+    if r.dim() != 1 or r.dtype == torch.bool or r.is_floating_point() or r.is_complex():
+        raise ValueError(f"rows must be a 1-D tensor of integer row indices, got shape {tuple(r.shape)} {r.dtype}")
+    if n is not None and r.numel() != n:
+        raise ValueError(f"rows has {r.numel()} entries but codes hold {n} streams (codes.shape[0])")
+    values = r.tolist()
+    bad = [v for v in values if not 0 <= v < capacity]
+    if bad:
+        raise ValueError(f"rows {bad[:10]} out of range for a state with {capacity} rows (0..{capacity - 1})")
+    if len(set(values)) != len(values):
+        dup = sorted({v for v in values if values.count(v) > 1})
+        raise ValueError(f"rows {dup[:10]} named more than once: each stream needs its own row")
+    return r.to(device, torch.long)
+
+
+def _read_rows(t: Tensor, rows: Tensor | None) -> Tensor:
+    """State tensor t [B, ...] restricted to `rows`: t itself if None, else a gathered copy [n, ...]."""
+    return t if rows is None else t.index_select(0, rows)
+
+
+def _write_rows_(t: Tensor, rows: Tensor | None, value: Tensor) -> None:
+    """In place: t = value (rows None) or t[rows] = value; value is [n, ...]."""
+    if rows is None:
+        t.copy_(value)
+    else:
+        t.index_copy_(0, rows, value)
+
+
+# --------------------------------------------------------------------------------------------
+# GEMMs for the streaming decoder
+#
+# A decode step is a handful of rows per stream (2 latent steps per frame, then 16, 96, 480 as
+# SEANet upsamples) against ~160 MB of fp32 weights, so on CPU it is bound by how fast each GEMM
+# streams its weight. Measured on a 2-core AMD EPYC (torch 2.13, MKL + oneDNN; bench/mimi_decode.py):
+#   * F.linear's x @ w.T and conv1d/conv_transpose1d stream only 5-9 GB/s with M <= 4 rows, while
+#     MKL runs the same product as w @ x.T at 20-27 GB/s, about the memory bandwidth;
+#   * from ~8 rows on, oneDNN's matmul (the kernel inductor uses for CPU linears) beats MKL's.
+# Results equal F.linear's up to float rounding. MKL's w @ x.T rounds differently depending on the
+# weight's address, which is why `mimi_from_state_dict` gives every weight its own aligned storage.
+_MM_MAX_ROWS = 4  # up to this many rows: w @ x.T
+_GEMM_CONV_MAX_ROWS = 64  # decoder convs with at most this many output steps (x streams) run as one GEMM
+
+
+def _onednn_linear_op():
+    """torch.ops.mkldnn._linear_pointwise if this torch build has a working one, else None."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        op(torch.zeros(1, 1), torch.zeros(1, 1), None, "none", [], "")
+        return op
+    except Exception:  # noqa: BLE001 - a build without oneDNN, or a renamed private op
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear_op()
+
+
+def _decode_linear(x: Tensor, w: Tensor) -> Tensor:
+    """F.linear(x, w) without bias, x [..., in], w [out, in] (contiguous) -> [..., out], fast for few rows."""
+    if x.device.type != "cpu":
+        return F.linear(x, w)
+    M = x.numel() // x.shape[-1]
+    x2 = x.reshape(M, x.shape[-1]).contiguous()  # [M, in]; w @ x2.T is only fast with x2 contiguous
+    if M <= _MM_MAX_ROWS:
+        y = torch.mm(w, x2.t()).t().contiguous()
+    elif _ONEDNN_LINEAR is not None:
+        y = _ONEDNN_LINEAR(x2, w, None, "none", [], "")
+    else:
+        y = F.linear(x2, w)
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,14 +366,24 @@ class CausalConv1d(nn.Module):
             x = F.pad(x, (self.pad, extra))
         return self.conv(x)
 
-    def step(self, x: Tensor, state: MimiDecodeState) -> Tensor:
+    def step(self, x: Tensor, state: MimiDecodeState, rows: Tensor | None = None) -> Tensor:
         # Streaming (stride 1 in the decoder): prepend the remembered inputs instead of zeros.
-        if self.pad == 0:
-            return self.conv(x)
-        tail = state.conv_tails[self.slot]
-        x = torch.cat([tail, x], dim=-1)
-        tail.copy_(x[..., -self.pad :])
-        return self.conv(x)
+        # x [B, C_in, T] -> [B, C_out, T]; batch entry b continues state row rows[b].
+        if self.pad > 0:
+            tail = state.conv_tails[self.slot]  # [B_state, C_in, pad]
+            x = torch.cat([_read_rows(tail, rows), x], dim=-1)  # [B, C_in, pad + T]
+            _write_rows_(tail, rows, x[..., -self.pad :])
+        c = self.conv
+        B, C_in, T = x.shape[0], x.shape[1], x.shape[2] - self.pad
+        if c.groups > 1 or B * T > _GEMM_CONV_MAX_ROWS or x.device.type != "cpu":
+            return c(x)
+        # Few output steps (the first conv sees 2 per stream): im2col + one GEMM, ~3x faster on
+        # CPU than conv1d here (see _decode_linear).
+        k, d = c.kernel_size[0], c.dilation[0]
+        cols = x.unfold(2, self.pad + 1, 1)[..., ::d]  # [B, C_in, T, k]: x[b, c, t + j*d]
+        cols = cols.permute(0, 2, 1, 3).reshape(B, T, C_in * k)
+        y = _decode_linear(cols, c.weight.view(c.out_channels, C_in * k)).transpose(1, 2)  # [B, C_out, T]
+        return y if c.bias is None else y + c.bias[:, None]
 
 
 class CausalConvTranspose1d(nn.Module):
@@ -292,25 +402,39 @@ class CausalConvTranspose1d(nn.Module):
         self.overlap = kernel_size - stride
         self.slot = -1  # index into MimiDecodeState.convtr_tails
 
-    def step(self, x: Tensor, state: MimiDecodeState) -> Tensor:
+    def gemm_weight(self) -> Tensor:
+        """The weight [C_in, C_out, k] as a GEMM operand [C_out * k, C_in].
+
+        A free view once `use_gemm_layout_` has run (what `mimi_from_state_dict` does), else a copy.
+        """
+        return self.conv.weight.permute(1, 2, 0).reshape(-1, self.conv.in_channels)
+
+    @torch.no_grad()
+    def use_gemm_layout_(self) -> None:
+        """Store the weight in [C_out, k, C_in] memory order; same shape, values and state_dict."""
+        w = self.conv.weight
+        self.conv.weight = nn.Parameter(w.permute(1, 2, 0).contiguous().permute(2, 0, 1), w.requires_grad)
+
+    def step(self, x: Tensor, state: MimiDecodeState, rows: Tensor | None = None) -> Tensor:
+        # x [B, C_in, T] -> [B, C_out, T * stride]; batch entry b continues state row rows[b].
         c, s = self.conv, self.stride
-        B, C_in, T = x.shape
-        tail = state.convtr_tails[self.slot]
+        B, _, T = x.shape
+        tail = state.convtr_tails[self.slot]  # [B_state, C_out, overlap]
         if c.groups == 1 and self.overlap == s:
             # kernel = 2 * stride (every Mimi SEANet layer): one GEMM gives each input step's two
             # stride-long halves; output step t = first half of t + second half of t-1. Much faster
             # on CPU than conv_transpose1d, which takes a slow path for the big first layer.
             C_out = c.out_channels
-            z = (x.transpose(1, 2) @ c.weight.view(C_in, C_out * 2 * s)).view(B, T, C_out, 2, s)
+            z = _decode_linear(x.transpose(1, 2), self.gemm_weight()).view(B, T, C_out, 2, s)
             head, rest = z[:, :, :, 0], z[:, :, :, 1]  # [B, T, C_out, s]
-            prev = torch.cat([tail[:, None], rest[:, :-1]], dim=1)
-            tail.copy_(rest[:, -1])
+            prev = torch.cat([_read_rows(tail, rows)[:, None], rest[:, :-1]], dim=1)
+            _write_rows_(tail, rows, rest[:, -1])
             y = (head + prev).permute(0, 2, 1, 3).reshape(B, C_out, T * s)
         else:
             y = F.conv_transpose1d(x, c.weight, None, s, groups=c.groups)  # [B, C, T*s + overlap]
             n = T * s
-            y[..., : self.overlap] += tail
-            tail.copy_(y[..., n:])
+            y[..., : self.overlap] += _read_rows(tail, rows)
+            _write_rows_(tail, rows, y[..., n:])
             y = y[..., :n]
         if c.bias is not None:
             y = y + c.bias[:, None]
@@ -335,8 +459,8 @@ class ResnetBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.block[3](F.elu(self.block[1](F.elu(x))))
 
-    def step(self, x: Tensor, state: MimiDecodeState) -> Tensor:
-        return x + self.block[3].step(F.elu(self.block[1].step(F.elu(x), state)), state)
+    def step(self, x: Tensor, state: MimiDecodeState, rows: Tensor | None = None) -> Tensor:
+        return x + self.block[3].step(F.elu(self.block[1].step(F.elu(x), state, rows)), state, rows)
 
 
 def _seanet_layout(cfg: MimiConfig, decoder: bool) -> list[str]:
@@ -380,9 +504,10 @@ class SEANetDecoder(nn.Module):
         layers += [nn.ELU(), CausalConv1d(ch, cfg.audio_channels, cfg.last_kernel_size)]
         self.layers = nn.ModuleList(layers)
 
-    def step(self, x: Tensor, state: MimiDecodeState) -> Tensor:  # [B, hidden, T] -> [B, C, T * hop]
+    def step(self, x: Tensor, state: MimiDecodeState, rows: Tensor | None = None) -> Tensor:
+        # [n, hidden, T] -> [n, C, T * hop]
         for layer in self.layers:
-            x = F.elu(x) if isinstance(layer, nn.ELU) else layer.step(x, state)
+            x = F.elu(x) if isinstance(layer, nn.ELU) else layer.step(x, state, rows)
         return x
 
 
@@ -393,13 +518,14 @@ class LayerScale(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: MimiConfig):
+    def __init__(self, cfg: MimiConfig, linear=F.linear):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.linear = linear
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.linear(F.gelu(self.linear(x, self.fc1.weight)), self.fc2.weight)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -407,81 +533,127 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def _window_mask(pos: Tensor, key_pos: Tensor, window: int) -> Tensor:
+    """[B, T, S] bool: a query at p sees keys at p - window < p' <= p (key_pos -1 = empty slot)."""
+    delta = pos[:, :, None] - key_pos[:, None, :]
+    return (delta >= 0) & (delta < window) & (key_pos[:, None, :] >= 0)
+
+
+class _StepCache(NamedTuple):
+    """What one decoder layer uses from the state in one `decode_step` call (B = streams in the call)."""
+
+    k: Tensor  # [B_state, KVH, W, D] this layer's key ring, all rows
+    v: Tensor  # [B_state, KVH, W, D]
+    rows: Tensor | None  # [B] state row of each batch entry; None = all rows, in order
+    idx: Tensor  # [B] state row of each batch entry as indices (arange(B) when rows is None)
+    bias: Tensor  # [B, 1, 1, T, W + T] 0 or -inf: the window mask over [ring | this call's keys]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: MimiConfig):
+    def __init__(self, cfg: MimiConfig, linear=F.linear):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = cfg.sliding_window
         # q|k|v fused into one matmul; q/k rows in rotate-half order.
         self.in_proj = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.linear = linear
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, cache: tuple | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, cache: _StepCache | None) -> Tensor:
         B, T, _ = x.shape
-        D = self.head_dim
-        q, k, v = self.in_proj(x).split([self.n_head * D, self.n_kv * D, self.n_kv * D], dim=-1)
-        q = q.view(B, T, self.n_head, D).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.n_kv, D).transpose(1, 2)  # [B, KVH, T, D]
-        v = v.view(B, T, self.n_kv, D).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-
+        H, KVH, D = self.n_head, self.n_kv, self.head_dim
+        qkv = self.linear(x, self.in_proj.weight)  # [B, T, (H + 2 * KVH) * D]
+        qk = qkv[..., : (H + KVH) * D].unflatten(-1, (H + KVH, D))  # [B, T, H + KVH, D]
+        qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k at once (cos, sin [B, T, 1, D])
+        q, k = qk.transpose(1, 2).split([H, KVH], dim=1)  # [B, H, T, D], [B, KVH, T, D]
+        v = qkv[..., (H + KVH) * D :].unflatten(-1, (KVH, D)).transpose(1, 2)  # [B, KVH, T, D]
         if cache is None:
-            keys, values, key_pos = k, v, pos
+            y = self._attend(q, k, v, pos)
         else:
-            k_cache, v_cache, kv_pos = cache  # [B, KVH, W, D] x2, [B, W]
-            keys = torch.cat([k_cache, k], dim=2)
-            values = torch.cat([v_cache, v], dim=2)
-            key_pos = torch.cat([kv_pos, pos], dim=1)
+            y = self._attend_cached(q, k, v, cache)
             # Only the newest W steps can ever be attended again; write them into the ring.
-            W = k_cache.shape[2]
+            W = cache.k.shape[2]
             n = min(T, W)
-            slots = (pos[:, T - n :] % W)[:, None, :, None].expand(B, self.n_kv, n, D)
-            k_cache.scatter_(2, slots, k[:, :, T - n :])
-            v_cache.scatter_(2, slots, v[:, :, T - n :])
+            slots = pos[:, T - n :] % W  # [B, n]
+            cache.k[cache.idx[:, None], :, slots] = k[:, :, T - n :].transpose(1, 2)  # [B, n, KVH, D]
+            cache.v[cache.idx[:, None], :, slots] = v[:, :, T - n :].transpose(1, 2)
+        return self.linear(y.transpose(1, 2).reshape(B, T, H * D), self.o_proj.weight)
 
-        # Causal sliding window: a query at p sees keys at p - W < p' <= p (empty slots are -1).
-        delta = pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
-        mask = (delta >= 0) & (delta < self.window) & (key_pos[:, None, :] >= 0)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        # Offline (encoder): the whole sequence at once.
+        mask = _window_mask(pos, pos, self.window)
         if self.n_kv != self.n_head:
-            keys = keys.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            values = values.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * D))
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: _StepCache) -> Tensor:
+        # Streaming: keys are the ring (W slots) followed by this call's T steps. Scores against
+        # each part are computed separately, so the ring is read in place instead of being
+        # concatenated (copied) with the new keys on every layer.
+        kc, vc = _read_rows(cache.k, cache.rows), _read_rows(cache.v, cache.rows)  # [B, KVH, W, D]
+        B, H, T, D = q.shape
+        KVH, W = kc.shape[1], kc.shape[2]
+        G = H // KVH
+        qg = (q * D**-0.5).reshape(B, KVH, G * T, D)  # the G heads sharing a kv head, stacked
+        scores = torch.cat([qg @ kc.transpose(-1, -2), qg @ k.transpose(-1, -2)], dim=-1)  # [B, KVH, G*T, W+T]
+        p = (scores.view(B, KVH, G, T, W + T) + cache.bias).softmax(dim=-1).view(B, KVH, G * T, W + T)
+        y = p[..., :W] @ vc + p[..., W:] @ v  # [B, KVH, G*T, D]
+        return y.view(B, H, T, D)
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: MimiConfig):
+    def __init__(self, cfg: MimiConfig, linear=F.linear):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, linear)
         self.self_attn_layer_scale = LayerScale(cfg.hidden_size, cfg.layer_scale_initial_scale)
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, linear)
         self.mlp_layer_scale = LayerScale(cfg.hidden_size, cfg.layer_scale_initial_scale)
 
-    def forward(self, x, cos, sin, pos, cache):
+    def forward(self, x, cos, sin, pos, cache=None):
         x = x + self.self_attn_layer_scale.scale * self.self_attn(self.input_layernorm(x), cos, sin, pos, cache)
         return x + self.mlp_layer_scale.scale * self.mlp(self.post_attention_layernorm(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: MimiConfig):
-        super().__init__()
-        self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+    """`linear` computes every projection: F.linear (encoder), `_decode_linear` (streaming decoder)."""
 
-    def forward(self, x: Tensor, pos: Tensor, inv_freq: Tensor, state: MimiDecodeState | None = None) -> Tensor:
-        # x [B, T, C], pos [B, T] absolute latent positions (per stream)
+    def __init__(self, cfg: MimiConfig, linear=F.linear):
+        super().__init__()
+        self.window = cfg.sliding_window
+        self.layers = nn.ModuleList([TransformerLayer(cfg, linear) for _ in range(cfg.num_hidden_layers)])
+
+    def forward(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        inv_freq: Tensor,
+        state: MimiDecodeState | None = None,
+        rows: Tensor | None = None,
+    ) -> Tensor:
+        # x [B, T, C], pos [B, T] absolute latent positions (per stream). With a state, batch
+        # entry b continues state row rows[b] (row b if rows is None).
         freqs = pos[..., None].float() * inv_freq  # [B, T, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, D]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # [B, T, 1, D]
         cos, sin = emb.cos(), emb.sin()
+        if state is None:
+            for layer in self.layers:
+                x = layer(x, cos, sin, pos)
+            return x
+
+        B, T = pos.shape
+        W = state.kv_pos.shape[1]
+        # One window mask for all layers: they share the ring's positions.
+        key_pos = torch.cat([_read_rows(state.kv_pos, rows), pos], dim=1)  # [B, W + T]
+        bias = torch.zeros(B, 1, 1, T, W + T, device=x.device)
+        bias.masked_fill_(~_window_mask(pos, key_pos, self.window)[:, None, None], float("-inf"))
+        idx = torch.arange(B, device=x.device) if rows is None else rows
         for i, layer in enumerate(self.layers):
-            cache = None if state is None else (state.k_cache[i], state.v_cache[i], state.kv_pos)
-            x = layer(x, cos, sin, pos, cache)
-        if state is not None:
-            W = state.kv_pos.shape[1]
-            n = min(pos.shape[1], W)
-            state.kv_pos.scatter_(1, pos[:, -n:] % W, pos[:, -n:])
+            x = layer(x, cos, sin, pos, _StepCache(state.k_cache[i], state.v_cache[i], rows, idx, bias))
+        n = min(T, W)
+        state.kv_pos[idx[:, None], pos[:, -n:] % W] = pos[:, -n:]
         return x
 
 
@@ -514,7 +686,8 @@ class ResidualVQ(nn.Module):
         N = self.codebooks.shape[1]
         offsets = torch.arange(k, device=codes.device)[None, :, None] * N
         vecs = F.embedding(codes + offsets, self.codebooks[:k].flatten(0, 1))  # [B, k, F, dim]
-        return self.output_proj(vecs.sum(dim=1).transpose(1, 2))
+        w = self.output_proj.weight  # [hidden, dim, 1]: a 1x1 conv, i.e. a linear map
+        return _decode_linear(vecs.sum(dim=1), w.view(w.shape[0], w.shape[1])).transpose(1, 2)
 
 
 class SplitRVQ(nn.Module):
@@ -556,6 +729,10 @@ class Mimi(nn.Module):
         state = mimi.decode_state(batch_size=B)  # streaming: per-stream history
         chunk = mimi.decode_step(codes[..., i:i+1], state)  # -> [B, 1, 1920], advances state
         state.reset_(mask)                       # restart the streams where mask is True
+
+        pool = mimi.decode_state(capacity)       # a pool: each stream owns a row
+        pool.reset_(rows=[r])                    # hand row r to a new stream
+        chunks = mimi.decode_step(codes_n, pool, rows=rows_n)  # [n, K, F], rows_n [n] -> [n, 1, F * 1920]
     """
 
     def __init__(self, config: MimiConfig):
@@ -572,7 +749,7 @@ class Mimi(nn.Module):
         self.upsample = CausalConvTranspose1d(
             cfg.hidden_size, cfg.hidden_size, 2 * s, stride=s, groups=cfg.upsample_groups, bias=False
         )
-        self.decoder_transformer = Transformer(cfg)
+        self.decoder_transformer = Transformer(cfg, linear=_decode_linear)
         self.decoder = SEANetDecoder(cfg)
         self.register_buffer("inv_freq", _rope_inv_freq(cfg), persistent=False)
 
@@ -620,25 +797,40 @@ class Mimi(nn.Module):
         )
 
     @torch.no_grad()
-    def decode_step(self, codes: Tensor, state: MimiDecodeState) -> Tensor:
-        """Decode the next frames of each stream: codes [B, K, F] -> audio [B, 1, F * 1920].
+    def decode_step(self, codes: Tensor, state: MimiDecodeState, rows: Tensor | list[int] | None = None) -> Tensor:
+        """Decode the next frames of n streams: codes [n, K, F] -> audio [n, 1, F * 1920].
+
+        rows None: n == state.batch_size and codes[b] continues row b. Otherwise `rows` ([n]
+        distinct integer indices into the state) says which row each codes[i] continues; only
+        those rows are read and advanced, the others stay untouched (a pooled state shared by
+        streams that come and go). Bad rows (out of range, repeated, not one per codes row)
+        raise ValueError; they are checked on the host.
 
         Advances `state` in place. No look-ahead: the output for a frame never changes once
         emitted, and any split of a sequence into calls yields the same samples as `decode`.
         Codes outside 0..codebook_size-1 (CSM's special tokens 2048..2050) are clamped.
         """
-        if codes.dim() != 3 or codes.shape[0] != state.batch_size:
-            raise ValueError(f"expected codes [B={state.batch_size}, K, F], got {tuple(codes.shape)}")
+        if codes.dim() != 3:
+            raise ValueError(f"expected codes [n, K, F], got {tuple(codes.shape)}")
+        if rows is None:
+            if codes.shape[0] != state.batch_size:
+                raise ValueError(f"expected codes [B={state.batch_size}, K, F], got {tuple(codes.shape)}")
+        else:
+            rows = _check_rows(rows, state.batch_size, state.pos.device, n=codes.shape[0])
         if not 1 <= codes.shape[1] <= self.config.num_quantizers:
             raise ValueError(f"expected 1..{self.config.num_quantizers} codebooks, got {codes.shape[1]}")
+        if codes.shape[0] == 0:  # no stream to advance this frame
+            cfg = self.config
+            return torch.zeros(0, cfg.audio_channels, codes.shape[-1] * cfg.frame_size, device=self.device)
         codes = codes.to(self.device, torch.long).clamp(0, self.config.codebook_size - 1)
-        x = self.quantizer.decode(codes)  # [B, hidden, F]
-        x = self.upsample.step(x, state)  # [B, hidden, F * stride]
+        x = self.quantizer.decode(codes)  # [n, hidden, F]
+        x = self.upsample.step(x, state, rows)  # [n, hidden, F * stride]
         T = x.shape[-1]
-        pos = state.pos[:, None] + torch.arange(T, device=x.device)  # [B, T]
-        x = self.decoder_transformer(x.transpose(1, 2), pos, self.inv_freq, state).transpose(1, 2)
-        state.pos += T
-        return self.decoder.step(x, state)
+        start = _read_rows(state.pos, rows)  # [n]
+        pos = start[:, None] + torch.arange(T, device=x.device)  # [n, T]
+        x = self.decoder_transformer(x.transpose(1, 2), pos, self.inv_freq, state, rows).transpose(1, 2)
+        _write_rows_(state.pos, rows, start + T)
+        return self.decoder.step(x, state, rows)
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
@@ -855,9 +1047,19 @@ def mimi_from_state_dict(state_dict: dict[str, Tensor], config: MimiConfig) -> M
             vecs.append(embed_sum / usage.clamp(min=CODEBOOK_EPS)[:, None])
         internal[p + "codebooks"] = torch.stack(vecs)
 
+    # Own, 64-byte aligned storage for every tensor: MKL's few-row GEMM kernels (see `_decode_linear`)
+    # round differently depending on a weight's address, so weights left at an arbitrary offset
+    # inside a safetensors buffer would make outputs depend on the file they came from.
+    internal = {
+        k: v if v.is_contiguous() and v.data_ptr() % 64 == 0 else v.clone(memory_format=torch.contiguous_format)
+        for k, v in internal.items()
+    }
     with torch.device("meta"):
         model = Mimi(config)
     model.load_state_dict(internal, strict=True, assign=True)
+    for m in model._convtrs:
+        if m.conv.groups == 1:
+            m.use_gemm_layout_()  # the decoder's transposed convs run as GEMMs: no per-step weight copy
     model.inv_freq = _rope_inv_freq(config)
     return model.eval()
 
