@@ -1,7 +1,11 @@
 """Mimi decode latency on CPU fp32: our streaming step and whole-sequence decode vs transformers.
 
 Full-size architecture (MimiConfig.full()) with random weights. Prints one JSON object.
-Usage: python bench/mimi_decode.py [--threads 2] [--steps 20]
+Usage: python bench/mimi_decode.py [--threads 2] [--steps 20] [--streams 1,4,16]
+
+`pooled_rows` is the server's per-frame call: n streams, each owning a scattered row of one
+pooled state, decoded together by one `decode_step(codes [n, K, 1], pool, rows=[n])`. Its
+streams first run `--pool-warm` frames so the 250-step attention window is full (steady state).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--frames", type=int, default=25)
+    ap.add_argument("--streams", default="1,4,16", help="stream counts for the pooled-rows measurement ('' to skip)")
+    ap.add_argument("--pool-capacity", type=int, default=32)
+    ap.add_argument("--pool-warm", type=int, default=125, help="frames each pooled stream decodes before timing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -60,6 +67,22 @@ def main() -> None:
 
     result["ours_stream_all_frames_ms"] = _median_ms(stream_all, 1, 3)
     result["ours_decode_all_frames_ms"] = _median_ms(lambda: mimi.decode(codes), 2, 7)
+
+    if args.streams:
+        pooled = {"capacity": args.pool_capacity, "warm_frames": args.pool_warm}
+        for n in (int(v) for v in args.streams.split(",")):
+            pool = mimi.decode_state(args.pool_capacity)
+            rows = torch.randperm(args.pool_capacity, generator=g)[:n]  # scattered, like a free list hands them out
+            frame_n = torch.randint(0, cfg.codebook_size, (n, cfg.num_quantizers, 1), generator=g)
+
+            def pooled_step(frame_n=frame_n, pool=pool, rows=rows):
+                return mimi.decode_step(frame_n, pool, rows=rows)
+
+            for _ in range(args.pool_warm):
+                pooled_step()
+            ms = _median_ms(pooled_step, 2, args.steps)
+            pooled[f"n={n}"] = {"ms_per_frame": ms, "ms_per_stream": round(ms / n, 2)}
+        result["pooled_rows"] = pooled
 
     try:
         import transformers
