@@ -89,7 +89,7 @@ def per_frame_split(engine: Engine, context, sampling, frames: int) -> dict:
             t1 = _now(device)
             codes = g.sample_frames(stream.h, [sampling.seed], [i], [sampling.temperature], [sampling.top_k])[0].cpu()
             t2 = _now(device)
-            engine.codec.decode_step(codes[None, :, None], stream.codec_state)
+            engine.codec.decode_step(codes[None, :, None], engine.codec_state, rows=torch.tensor([stream.slot]))
             t3 = _now(device)
             stream.codes.append(codes)
             if i:  # the first frame has no backbone step of its own (the prefill made it)

@@ -302,7 +302,6 @@ class Stream:
     text_start: int  # position of the utterance's first text row
     h: torch.Tensor  # backbone hidden state that predicts the next frame, [1, dim]
     limit: int
-    codec_state: object
     text_rows: int
     codes: list[torch.Tensor] = field(default_factory=list)
     fed: int = 0
@@ -327,6 +326,7 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         self.codec = checkpoint.codec
         self.generator = FrameGenerator(checkpoint.model, slots=slots, compile=compile)
+        self.codec_state = self.codec.decode_state(slots)  # Mimi decoder state: one row per cache slot
         self.slots = [Slot() for _ in range(slots)]
         self._lru: OrderedDict[Hashable, int] = OrderedDict()
 
@@ -445,7 +445,8 @@ class Engine:
             raise ContextTooLongError(f"the context ({start} rows) and the text leave no room for audio")
         h = self.generator.prefill(slot, tokens, mask, start=start)[None]
         self.slots[slot].streaming = True
-        return Stream(slot, text, sampling, start, h, limit, self.codec.decode_state(1), tokens.shape[0])
+        self.codec_state.reset_(rows=[slot])
+        return Stream(slot, text, sampling, start, h, limit, tokens.shape[0])
 
     def step(self, stream: Stream) -> AudioFrame | None:
         """Generate and decode the stream's next frame; None (and done) at the end of the audio."""
@@ -454,8 +455,8 @@ class Engine:
     @torch.inference_mode()
     def step_many(self, streams: list[Stream]) -> list[AudioFrame | None]:
         """Advance every stream by one frame together: one batched backbone step (each stream at
-        its own slot and position) and one batched 31-step depth pass. Sampling noise is per
-        stream, so each gets the codes it would get alone."""
+        its own slot and position), one batched 31-step depth pass and one batched Mimi step.
+        Sampling noise is per stream, so each gets the codes it would get alone."""
         g = self.generator
         feed = [s for s in streams if s.fed < len(s.codes)]
         if feed:
@@ -474,17 +475,21 @@ class Engine:
             [s.sampling.temperature for s in streams],
             [s.sampling.top_k for s in streams],
         ).cpu()
-        frames: list[AudioFrame | None] = []
+        speaking = []
         for s, c in zip(streams, codes):
             if not c.any():  # the end-of-audio frame
                 s.done = True
-                frames.append(None)
                 continue
             s.codes.append(c)
             s.done = len(s.codes) >= s.limit
-            pcm = self.codec.decode_step(c[None, :, None], s.codec_state)
-            frames.append(AudioFrame(c, pcm[0, 0].float().cpu().numpy()))
-        return frames
+            speaking.append(s)
+        frames: dict[int, AudioFrame] = {}
+        if speaking:  # one batched Mimi step; a stream's decoder state is the row of its slot
+            rows = torch.tensor([s.slot for s in speaking])
+            pcm = self.codec.decode_step(torch.stack([s.codes[-1] for s in speaking])[:, :, None], self.codec_state, rows=rows)
+            pcm = pcm[:, 0].float().cpu().numpy()
+            frames = {id(s): AudioFrame(s.codes[-1], pcm[i]) for i, s in enumerate(speaking)}
+        return [frames.get(id(s)) for s in streams]
 
     def finish(self, stream: Stream, key: Hashable | None, segment: Segment | None) -> None:
         """Close a stream: the cache keeps `segment` (the utterance as the listener heard it: its

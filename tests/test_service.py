@@ -282,11 +282,17 @@ def test_batched_streams_equal_solo_streams(hf_checkpoint, reference_engine):
         ([Segment(1, "Question?", torch.randint(0, 2048, (5, 32)))], "Answer.", Sampling(seed=9, temperature=0.7, top_k=20, max_audio_ms=800)),
     ]
     streams = [engine.start(f"s{i}", [(object(), s) for s in ctx], 0, text, smp) for i, (ctx, text, smp) in enumerate(jobs)]
+    audio: dict[int, list] = {id(s): [] for s in streams}
     while not all(s.done for s in streams):
-        engine.step_many([s for s in streams if not s.done])
+        active = [s for s in streams if not s.done]
+        for s, frame in zip(active, engine.step_many(active)):
+            if frame is not None:
+                audio[id(s)].append(frame.pcm)
     for (ctx, text, smp), stream in zip(jobs, streams):
-        solo = torch.stack([f.codes for f in reference_engine.synthesize(ctx, 0, text, smp)])
-        assert torch.equal(torch.stack(stream.codes), solo)
+        solo = list(reference_engine.synthesize(ctx, 0, text, smp))
+        assert torch.equal(torch.stack(stream.codes), torch.stack([f.codes for f in solo]))
+        # one batched Mimi step per frame gives each stream the audio it gets alone
+        np.testing.assert_allclose(np.concatenate(audio[id(stream)]), np.concatenate([f.pcm for f in solo]), atol=1e-5)
 
 
 def test_long_prefill_is_interleaved_with_running_replies(hf_checkpoint):
