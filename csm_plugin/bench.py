@@ -132,6 +132,7 @@ def transformers_baseline(checkpoint: LoadedCheckpoint, weights, mimi_cfg, conte
     """transformers' CsmForConditionalGeneration.generate on the same weights (shared, not copied)."""
     import transformers
 
+    transformers.logging.set_verbosity_error()  # its config warnings about the random vocabulary would mix into our JSON
     cfg = checkpoint.config
     device, dtype = checkpoint.model.codebook0_head.weight.device, checkpoint.model.codebook0_head.weight.dtype
     with torch.device(device):  # its own buffers must be real; its random weights are replaced below

@@ -121,20 +121,21 @@ def feed_frame(model: CSM, slots: torch.Tensor, codes: torch.Tensor, positions: 
 
 
 def first_codebook(
-    model: CSM, h: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, k_cap: int
+    model: CSM, h: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, k_cap: int, static: bool
 ) -> torch.Tensor:
     """Backbone hidden h [B, dim] -> codebook 0 [B] (from the backbone head); also puts h at depth
     position 0, where each frame's depth pass starts again."""
-    model.decoder_forward(h[:, None], start=0)
+    model.decoder_forward(h[:, None], start=0, static=static)
     return sample_topk(model.codebook0_logits(h), temperature, top_k, k_cap, keys, 0)
 
 
 def next_codebook(
-    model: CSM, previous: torch.Tensor, i: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, k_cap: int
+    model: CSM, previous: torch.Tensor, i: int | torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor,
+    top_k: torch.Tensor, k_cap: int, static: bool,
 ) -> torch.Tensor:
-    """Codes [B] of codebook i - 1 -> codes [B] of codebook i (0-dim tensor, 1..31): one depth
-    decoder step. Static shapes and no host sync, so one compiled graph serves all 31 steps."""
-    d = model.decoder_forward(model.embed_code(previous, i - 1), start=i)[:, -1]
+    """Codes [B] of codebook i - 1 -> codes [B] of codebook i (1..31): one depth decoder step.
+    static (i a 0-dim tensor): fixed shapes and no host sync, so one compiled graph serves all 31."""
+    d = model.decoder_forward(model.embed_code(previous, i - 1), start=i, static=static)[:, -1]
     return sample_topk(model.depth_logits(d, i), temperature, top_k, k_cap, keys, i)
 
 
@@ -248,9 +249,10 @@ class FrameGenerator:
         if pad:
             h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
         top_k = settings[2]
-        codes = [self._run(self._first_codebook, h, keys, temperature, top_k, k_cap)]
-        for i in self._codebook_index[1:]:
-            codes.append(self._run(self._next_codebook, codes[-1], i, keys, temperature, top_k, k_cap))
+        static = self.compiled
+        codes = [self._run(self._first_codebook, h, keys, temperature, top_k, k_cap, static)]
+        for i in self._codebook_index[1:] if static else range(1, self.cfg.num_codebooks):
+            codes.append(self._run(self._next_codebook, codes[-1], i, keys, temperature, top_k, k_cap, static))
         return torch.stack(codes, dim=1)[:B]
 
 

@@ -295,19 +295,21 @@ class CSM(nn.Module):
     def codebook0_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.codebook0_head(h)
 
-    def decoder_forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+    def decoder_forward(self, x: torch.Tensor, start: int | torch.Tensor, static: bool = False) -> torch.Tensor:
         """x [B, T, backbone dim] placed at depth positions start..start+T-1 -> [B, T, decoder dim].
-        Stream b uses decoder cache row b; each frame starts again at position 0. `start` may be
-        a 0-dim tensor, so that every depth step runs the same (compiled) graph."""
+        Stream b uses decoder cache row b; each frame starts again at position 0. static (with
+        `start` a 0-dim tensor): every depth step runs the same (compiled) graph; eager, reading
+        only the positions so far is faster."""
         assert self.decoder_cache is not None, "call setup_caches() first"
         B, T, _ = x.shape
         positions = (start + torch.arange(T, device=x.device)).expand(B, T)
-        return self.decoder(self.projection(x), positions, self.decoder_cache, None, static=True)
+        return self.decoder(self.projection(x), positions, self.decoder_cache, None, static=static)
 
     def depth_logits(self, h: torch.Tensor, i: int | torch.Tensor) -> torch.Tensor:
         """Decoder output h [B, decoder dim] -> logits of codebook i (1..31) [B, audio vocab]."""
-        index = torch.as_tensor(i, device=h.device).reshape(1) - 1  # index_select: no host read of i
-        return h @ self.audio_head.index_select(0, index)[0]
+        if isinstance(i, int):
+            return h @ self.audio_head[i - 1]
+        return h @ self.audio_head.index_select(0, i.reshape(1) - 1)[0]  # a tensor i is never read on the host
 
     def embed_code(self, codes: torch.Tensor, codebook: int | torch.Tensor) -> torch.Tensor:
         """codes [B] of one codebook -> [B, 1, backbone dim]."""
