@@ -170,7 +170,7 @@ def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, bas
     checkpoint, weights, mimi_cfg = build(size, device, dt, quantize)
     engine = Engine(checkpoint, slots=max(2, streams), compile=compile)
     started = time.perf_counter()
-    engine.generator.warm_up(max(2, streams))
+    engine.generator.warm_up()
     compile_s = time.perf_counter() - started
     context = conversation(CONTEXT_SECONDS)
     keyed = [(i, s) for i, s in enumerate(context)]

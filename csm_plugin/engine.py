@@ -147,9 +147,10 @@ def batch_bucket(batch: int) -> int:
 class FrameGenerator:
     """Runs a CSM model for streams that each own a backbone cache slot.
 
-    With compile=True the depth pass (31 decoder steps and the sampling of 32 codebooks) runs
-    as one torch.compile graph per batch bucket: CUDA graphs on GPUs ("reduce-overhead"), fused
-    C++ kernels on CPU. Not thread-safe: one thread owns a FrameGenerator (the service's worker).
+    With compile=True each model call of a frame (the backbone step, then 32 depth steps each with
+    its sampling) runs as a torch.compile graph, one per batch bucket: CUDA graphs on GPUs
+    ("reduce-overhead"), C++ kernels on CPU. Not thread-safe: one thread owns a FrameGenerator
+    (the service's inference worker).
     """
 
     def __init__(self, model: CSM, slots: int = 1, compile: bool = False):
@@ -194,13 +195,13 @@ class FrameGenerator:
         return step(self.model, *args).clone()
 
     @torch.inference_mode()  # live inputs are inference tensors; compiled graphs are specialized to that
-    def warm_up(self, max_batch: int, top_k: int = Sampling.top_k) -> None:
-        """Compile (and on GPUs capture) the frame step for every batch bucket up to `max_batch`
-        at `top_k`'s width, so no live reply waits for a compile. Other top-k widths compile when
-        first used. The warm-up writes only into the scratch slot."""
+    def warm_up(self, top_k: int = Sampling.top_k) -> None:
+        """Compile (and on GPUs capture) the frame step for every batch bucket up to the slot
+        count at `top_k`'s width, so no live reply waits for a compile. Other top-k widths compile
+        when first used. The warm-up writes only into the scratch slot."""
         if not self.compiled:
             return
-        for batch in sorted({batch_bucket(b) for b in range(1, max_batch + 1)}):
+        for batch in sorted({batch_bucket(b) for b in range(1, self._scratch_slot + 1)}):
             started = time.perf_counter()
             slots = torch.full((batch,), self._scratch_slot)
             for _ in range(3):  # CUDA graph trees warm up, then record, then replay

@@ -26,7 +26,7 @@ def hidden_states(engine: Engine, lengths: list | None = None) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def engines(hf_checkpoint):
     compiled = Engine.load(hf_checkpoint, slots=3, compile=True)
-    compiled.generator.warm_up(3)  # batch buckets 1, 2 and 4 at the default top-k width (64)
+    compiled.generator.warm_up()  # batch buckets 1, 2 and 4 at the default top-k width (64)
     return Engine.load(hf_checkpoint, slots=3), compiled
 
 
