@@ -1,4 +1,4 @@
-"""The compiled depth pass (torch.compile: fused kernels on CPU, CUDA graphs on GPUs) against eager."""
+"""Compiled frame steps (torch.compile: C++ kernels on CPU, CUDA graphs on GPUs) against eager."""
 
 from __future__ import annotations
 
