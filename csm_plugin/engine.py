@@ -169,10 +169,16 @@ class FrameGenerator:
         self._feed_frame, self._first_codebook, self._next_codebook = feed_frame, first_codebook, next_codebook
         self._cuda_graphs = compile and self.device.type == "cuda"
         if compile:
-            from torch._dynamo import config as dynamo_config
+            from torch._dynamo import config as dynamo_config, mark_static_address
 
             # One graph per (batch bucket, top-k bucket) pair.
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            # The caches are updated in place at fixed addresses: a CUDA graph must use them where
+            # they are, never copy the slot pool into an input buffer of its own (as transformers'
+            # StaticCache does).
+            for cache in (model.backbone_cache, model.decoder_cache):
+                mark_static_address(cache.k)
+                mark_static_address(cache.v)
             # GPUs: CUDA graphs replay a step's ~100 kernels as one launch. CPU: a C++ wrapper calls
             # the kernels instead of Python (about a third less time per step at small sizes).
             how = dict(mode="reduce-overhead") if self._cuda_graphs else dict(options={"cpp_wrapper": True})
