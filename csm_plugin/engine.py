@@ -120,21 +120,24 @@ def feed_frame(model: CSM, slots: torch.Tensor, codes: torch.Tensor, positions: 
     return model.backbone_forward(x, positions[:, None], slots, static=static)[:, -1]
 
 
-def first_codebook(
+def first_codebooks(
     model: CSM, h: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, k_cap: int, static: bool
 ) -> torch.Tensor:
-    """Backbone hidden h [B, dim] -> codebook 0 [B] (from the backbone head); also puts h at depth
-    position 0, where each frame's depth pass starts again."""
-    model.decoder_forward(h[:, None], start=0, static=static)
-    return sample_topk(model.codebook0_logits(h), temperature, top_k, k_cap, keys, 0)
+    """Backbone hidden h [B, dim] -> codebooks 0 and 1 [B, 2]: codebook 0 from the backbone head,
+    then one depth step over h and its embedding (positions 0 and 1, where each frame's depth pass
+    starts again) for codebook 1."""
+    code0 = sample_topk(model.codebook0_logits(h), temperature, top_k, k_cap, keys, 0)
+    x = torch.stack([h, model.embed_code(code0, 0)[:, 0]], dim=1)  # [B, 2, dim]
+    d = model.decoder_forward(x, start=0, static=static)[:, -1]
+    return torch.stack([code0, sample_topk(model.depth_logits(d, 1), temperature, top_k, k_cap, keys, 1)], dim=1)
 
 
 def next_codebook(
     model: CSM, previous: torch.Tensor, i: int | torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor,
     top_k: torch.Tensor, k_cap: int, static: bool,
 ) -> torch.Tensor:
-    """Codes [B] of codebook i - 1 -> codes [B] of codebook i (1..31): one depth decoder step.
-    static (i a 0-dim tensor): fixed shapes and no host sync, so one compiled graph serves all 31."""
+    """Codes [B] of codebook i - 1 -> codes [B] of codebook i (2..31): one depth decoder step.
+    static (i a 0-dim tensor): fixed shapes and no host sync, so one compiled graph serves all 30."""
     d = model.decoder_forward(model.embed_code(previous, i - 1), start=i, static=static)[:, -1]
     return sample_topk(model.depth_logits(d, i), temperature, top_k, k_cap, keys, i)
 
@@ -147,7 +150,7 @@ def batch_bucket(batch: int) -> int:
 class FrameGenerator:
     """Runs a CSM model for streams that each own a backbone cache slot.
 
-    With compile=True each model call of a frame (the backbone step, then 32 depth steps each with
+    With compile=True each model call of a frame (the backbone step, then 31 depth steps each with
     its sampling) runs as a torch.compile graph, one per batch bucket: CUDA graphs on GPUs
     ("reduce-overhead"), C++ kernels on CPU. Not thread-safe: one thread owns a FrameGenerator
     (the service's inference worker).
@@ -166,7 +169,7 @@ class FrameGenerator:
         if model.backbone_cache is None or model.backbone_cache.slots < cache_slots or model.decoder_cache.slots < rows:
             model.setup_caches(cache_slots, max_batch=rows)
         self._codebook_index = torch.arange(self.cfg.num_codebooks, device=self.device)
-        self._feed_frame, self._first_codebook, self._next_codebook = feed_frame, first_codebook, next_codebook
+        self._feed_frame, self._first_codebooks, self._next_codebook = feed_frame, first_codebooks, next_codebook
         self._cuda_graphs = compile and self.device.type == "cuda"
         if compile:
             from torch._dynamo import config as dynamo_config, mark_static_address
@@ -185,7 +188,7 @@ class FrameGenerator:
             # The module-level functions themselves, not closures or partials (those share one code
             # object, hence one cache, between all of them).
             self._feed_frame = torch.compile(feed_frame, dynamic=False, fullgraph=True, **how)
-            self._first_codebook = torch.compile(first_codebook, dynamic=False, fullgraph=True, **how)
+            self._first_codebooks = torch.compile(first_codebooks, dynamic=False, fullgraph=True, **how)
             self._next_codebook = torch.compile(next_codebook, dynamic=False, fullgraph=True, **how)
 
     @property
@@ -257,8 +260,8 @@ class FrameGenerator:
             h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
         top_k = settings[2]
         static = self.compiled
-        codes = [self._run(self._first_codebook, h, keys, temperature, top_k, k_cap, static)]
-        for i in self._codebook_index[1:] if static else range(1, self.cfg.num_codebooks):
+        codes = list(self._run(self._first_codebooks, h, keys, temperature, top_k, k_cap, static).unbind(1))
+        for i in self._codebook_index[2:] if static else range(2, self.cfg.num_codebooks):
             codes.append(self._run(self._next_codebook, codes[-1], i, keys, temperature, top_k, k_cap, static))
         return torch.stack(codes, dim=1)[:B]
 
