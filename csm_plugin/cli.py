@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--quantize", choices=["int8"], help="int8 linear layers (CPU, float32)")
-    p.add_argument("--compile", action="store_true", help="compile the depth pass (CUDA graphs on GPUs); compile time is reported")
+    p.add_argument("--compile", action="store_true", help="compile the frame steps (CUDA graphs on GPUs); compile time is reported")
     p.add_argument("--streams", type=int, default=64, help="largest batch tried for concurrent streams")
     p.add_argument("--frames", type=int, help="frames timed per measurement (default 30 tiny, 6 full)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--max-cached-conversations", type=int, default=None, help="KV-cache slots (default 8)")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU, float32): faster on CPU")
-    p.add_argument("--compile", action="store_true", help="compile the depth pass at startup (CUDA graphs on GPUs)")
+    p.add_argument("--compile", action="store_true", help="compile the frame steps at startup (CUDA graphs on GPUs)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -124,7 +124,7 @@ class CSMService:
     max_cached_conversations bounds memory: that many conversations keep their KV cache; others
     keep their history and are prefilled again on their next turn. context_budget (positions,
     default the model's 2048) bounds a conversation's context plus the reply being generated.
-    quantize="int8" makes CPU decoding about 4x faster; compile=True compiles the depth pass
+    quantize="int8" makes CPU decoding about 4x faster; compile=True compiles the frame steps
     (CUDA graphs on GPUs, the fast choice there) for batches up to max_cached_conversations
     while the service starts.
     """

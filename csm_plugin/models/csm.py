@@ -221,7 +221,7 @@ class Transformer(nn.Module):
         (slots None: streams 0..B-1 at the same positions, see KVCache.update).
         static: read all max_seq_len cache positions, later ones masked, instead of only those up
         to the furthest position: no host sync and the same shapes at every position, so one
-        compiled graph serves them all (the depth decoder, whose cache is 32 positions long)."""
+        compiled graph serves them all (the compiled backbone and depth-decoder steps)."""
         if static:
             length = self.cfg.max_seq_len
         else:
