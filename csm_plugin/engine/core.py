@@ -1,0 +1,272 @@
+"""The Engine: a loaded checkpoint, its frame generator, codec and cache slots; it prefills
+conversations' context into slots (reusing the longest cached prefix) and advances streams, one
+80 ms frame at a time, batched across streams. Also the Stream and AudioFrame it hands out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator, Hashable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..audio import resample_to_24k
+from ..errors import ContextTooLongError, InputError
+from ..models.loading import DEFAULT_MODEL, LoadedCheckpoint, load_checkpoint
+from ..prompt import Segment, audio_rows, segment_rows, text_rows
+from .frames import FrameGenerator
+from .sampling import FRAME_MS, Sampling, max_frames_for_text
+from .slots import CachedSegment, Slot, SlotPool
+
+__all__ = ["FRAME_MS", "AudioFrame", "Engine", "Stream", "parse_dtype"]
+
+
+@dataclass(frozen=True)
+class AudioFrame:
+    """One generated 80 ms frame: its codes [32] and its 1920 samples (float32, 24 kHz)."""
+
+    codes: torch.Tensor
+    pcm: np.ndarray
+
+
+@dataclass
+class Stream:
+    """One utterance being generated into a slot. Frames are fed back into the cache lazily, just
+    before the next one is sampled, so a cancelled stream never feeds frames nobody heard."""
+
+    slot: int
+    text: str
+    sampling: Sampling
+    text_start: int  # position of the utterance's first text row
+    h: torch.Tensor  # backbone hidden state that predicts the next frame, [1, dim]
+    limit: int
+    text_rows: int
+    codes: list[torch.Tensor] = field(default_factory=list)
+    fed: int = 0
+    done: bool = False
+    # Flow control: frames handed out (worker thread) and taken by the listener (its thread).
+    produced: int = 0
+    consumed: int = 0
+
+    @property
+    def frames_start(self) -> int:
+        return self.text_start + self.text_rows
+
+
+class Engine:
+    """A loaded model with its tokenizer and codec, and a pool of cache slots that hold
+    conversations' context prefixes. Synchronous and single-threaded: the service's inference
+    worker owns it; nothing here knows about asyncio."""
+
+    def __init__(self, checkpoint: LoadedCheckpoint, slots: int = 1, prefill_chunk: int = 256, compile: bool = False):
+        self.checkpoint = checkpoint
+        self.prefill_chunk = prefill_chunk
+        self.tokenizer = checkpoint.tokenizer
+        self.codec = checkpoint.codec
+        self.generator = FrameGenerator(checkpoint.model, slots=slots, compile=compile)
+        self.codec_state = self.codec.decode_state(slots)  # Mimi decoder state: one row per cache slot
+        self.slot_pool = SlotPool(slots)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        slots: int = 1,
+        quantize: str | None = None,
+        compile: bool = False,
+    ) -> "Engine":
+        checkpoint = load_checkpoint(model, device=device, dtype=parse_dtype(dtype), quantize=quantize)
+        return cls(checkpoint, slots=slots, compile=compile)
+
+    @property
+    def max_positions(self) -> int:
+        return self.generator.max_positions
+
+    @torch.inference_mode()
+    def encode_audio(self, audio: np.ndarray, sample_rate: int) -> torch.Tensor:
+        """Mono audio at any rate -> Mimi codes [frames, 32] (on CPU)."""
+        wav = resample_to_24k(audio, sample_rate)
+        codes = self.codec.encode(torch.from_numpy(wav)[None, None])
+        return codes[0].T.cpu()
+
+    # --- slots (kept in self.slot_pool; these delegate, for the service and tests) -------------
+
+    @property
+    def slots(self) -> list[Slot]:
+        return self.slot_pool.slots
+
+    def slot_for(self, owner: Hashable) -> int:
+        """The slot `owner` holds, or a free one, or the least recently used one (evicted)."""
+        return self.slot_pool.slot_for(owner)
+
+    def release(self, owner: Hashable) -> None:
+        self.slot_pool.release(owner)
+
+    def cached_keys(self, owner: Hashable) -> list[Hashable]:
+        return self.slot_pool.cached_keys(owner)
+
+    def truncate(self, slot: int, position: int) -> None:
+        """Forget everything at or after `position`: O(1), later writes overwrite the cache."""
+        self.slot_pool.truncate(slot, position)
+
+    def prefill_context(self, owner: Hashable, context: list[tuple[Hashable, Segment]]) -> int:
+        """Make `owner`'s slot hold exactly `context` (keyed segments); returns the slot."""
+        return _run_steps(self.prefill_context_steps(owner, context))
+
+    def prefill_context_steps(self, owner: Hashable, context: list[tuple[Hashable, Segment]]) -> Generator[None, None, int]:
+        """prefill_context in chunks of `prefill_chunk` rows, yielding after each one. Only rows
+        after the longest cached common prefix are computed."""
+        slot = self.slot_for(owner)
+        state = self.slots[slot]
+        cached = state.segments
+        keep = 0
+        while keep < min(len(cached), len(context)) and cached[keep].key == context[keep][0]:
+            keep += 1
+        del cached[keep:]
+        position = state.end
+        parts = [(key, segment_rows(self.tokenizer, seg)) for key, seg in context[keep:]]
+        if not parts:
+            return slot
+        tokens = torch.cat([rows[0] for _, rows in parts])
+        mask = torch.cat([rows[1] for _, rows in parts])
+        if position + tokens.shape[0] > self.max_positions:
+            raise ContextTooLongError(f"{position + tokens.shape[0]} rows do not fit in the model's {self.max_positions} positions")
+        state.busy = True
+        try:
+            for a in range(0, tokens.shape[0], self.prefill_chunk):
+                self.generator.prefill(slot, tokens[a : a + self.prefill_chunk], mask[a : a + self.prefill_chunk], start=position + a)
+                if a + self.prefill_chunk < tokens.shape[0]:
+                    yield
+        finally:
+            state.busy = False
+        for key, (rows, _) in parts:
+            cached.append(CachedSegment(key, position, rows.shape[0]))
+            position += rows.shape[0]
+        return slot
+
+    # --- generation ----------------------------------------------------------------------
+
+    def start(
+        self, owner: Hashable, context: list[tuple[Hashable, Segment]], speaker: int, text: str, sampling: Sampling
+    ) -> Stream:
+        """Prefill the context (what is not cached yet) and the utterance's text rows."""
+        return _run_steps(self.start_steps(owner, context, speaker, text, sampling))
+
+    def start_steps(
+        self, owner: Hashable, context: list[tuple[Hashable, Segment]], speaker: int, text: str, sampling: Sampling
+    ) -> Generator[None, None, Stream]:
+        slot = yield from self.prefill_context_steps(owner, context)
+        start = self.slots[slot].end
+        tokens, mask = text_rows(self.tokenizer.encode_segment_text(speaker, text))
+        # Room for at least one frame and the end-of-audio row that closes the segment later.
+        limit = min(max_frames_for_text(text, sampling.max_audio_ms), self.max_positions - start - tokens.shape[0] - 1)
+        if limit < 1:
+            raise ContextTooLongError(f"the context ({start} rows) and the text leave no room for audio")
+        h = self.generator.prefill(slot, tokens, mask, start=start)[None]
+        self.slots[slot].streaming = True
+        self.codec_state.reset_(rows=[slot])
+        return Stream(slot, text, sampling, start, h, limit, tokens.shape[0])
+
+    def step(self, stream: Stream) -> AudioFrame | None:
+        """Generate and decode the stream's next frame; None (and done) at the end of the audio."""
+        return self.step_many([stream])[0]
+
+    @torch.inference_mode()
+    def step_many(self, streams: list[Stream]) -> list[AudioFrame | None]:
+        """Advance every stream by one frame together: one batched backbone step (each stream at
+        its own slot and position), one batched 31-step depth pass and one batched Mimi step.
+        Sampling noise is per stream, so each gets the codes it would get alone."""
+        g = self.generator
+        feed = [s for s in streams if s.fed < len(s.codes)]
+        if feed:
+            h = g.feed_frames(
+                torch.tensor([s.slot for s in feed]),
+                torch.stack([s.codes[-1] for s in feed]),
+                torch.tensor([s.frames_start + s.fed for s in feed]),
+            )
+            for s, h_s in zip(feed, h):
+                s.h = h_s[None]
+                s.fed += 1
+        codes = g.sample_frames(
+            torch.cat([s.h for s in streams]),
+            [s.sampling.seed for s in streams],
+            [len(s.codes) for s in streams],
+            [s.sampling.temperature for s in streams],
+            [s.sampling.top_k for s in streams],
+        ).cpu()
+        speaking = []
+        for s, c in zip(streams, codes):
+            if not c.any():  # the end-of-audio frame
+                s.done = True
+                continue
+            s.codes.append(c)
+            s.done = len(s.codes) >= s.limit
+            speaking.append(s)
+        frames: dict[int, AudioFrame] = {}
+        if speaking:  # one batched Mimi step; a stream's decoder state is the row of its slot
+            rows = torch.tensor([s.slot for s in speaking])
+            pcm = self.codec.decode_step(torch.stack([s.codes[-1] for s in speaking])[:, :, None], self.codec_state, rows=rows)
+            pcm = pcm[:, 0].float().cpu().numpy()
+            frames = {id(s): AudioFrame(s.codes[-1], pcm[i]) for i, s in enumerate(speaking)}
+        return [frames.get(id(s)) for s in streams]
+
+    def finish(self, stream: Stream, key: Hashable | None, segment: Segment | None) -> None:
+        """Close a stream: the cache keeps `segment` (the utterance as the listener heard it: its
+        first frames, perhaps fewer words) under `key`, or nothing if segment is None."""
+        stream.done = True
+        slot = self.slots[stream.slot]
+        slot.streaming = False
+        if slot.end != stream.text_start:  # released meanwhile: the next prefill redoes it
+            return
+        if segment is None:
+            self.truncate(stream.slot, stream.text_start)
+            return
+        frames = 0 if segment.codes is None else segment.codes.shape[0]
+        fed = min(stream.fed, frames)
+        if frames and segment.text == stream.text and all(torch.equal(segment.codes[i], stream.codes[i]) for i in range(fed)):
+            # The text rows and the first frames are in the cache already: add the rest.
+            tokens, mask = audio_rows(segment.codes[fed:])
+            start = stream.frames_start + fed
+        else:
+            tokens, mask = segment_rows(self.tokenizer, segment)
+            start = stream.text_start
+        self.generator.prefill(stream.slot, tokens, mask, start=start)
+        rows = start + tokens.shape[0] - stream.text_start
+        slot.segments.append(CachedSegment(key, stream.text_start, rows))
+
+    def synthesize(
+        self, context: list[Segment], speaker: int, text: str, sampling: Sampling = Sampling()
+    ) -> Iterator[AudioFrame]:
+        """Speak `text` as `speaker` after `context`, frames as soon as each exists; no caching
+        across calls (the service does that)."""
+        owner = object()
+        stream = self.start(owner, [(object(), s) for s in context], speaker, text, sampling)
+        try:
+            while not stream.done:
+                frame = self.step(stream)
+                if frame is not None:
+                    yield frame
+        finally:
+            self.release(owner)
+
+
+def _run_steps(steps: Generator):
+    """Run a step generator to the end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise InputError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]

@@ -1,0 +1,171 @@
+"""One frame of CSM: the backbone step and the 31-step depth pass, as module-level functions that
+torch.compile can compile once per batch bucket, and FrameGenerator, which runs them (and prefill)
+for streams that each own a backbone cache slot."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..errors import ContextTooLongError, InputError
+from ..models.csm import CSM
+from .sampling import Sampling, noise_keys, sample_topk, top_k_bucket
+
+log = logging.getLogger(__name__)
+
+
+def feed_frame(model: CSM, slots: torch.Tensor, codes: torch.Tensor, positions: torch.Tensor, static: bool) -> torch.Tensor:
+    """Append one generated frame per stream: codes [B, 32] at positions [B] of `slots` [B] ->
+    backbone hidden [B, dim]. static: attend over every cache position (later ones masked), so
+    one compiled graph serves each batch size whatever the streams' positions."""
+    x = model.embed_frame(codes)
+    return model.backbone_forward(x, positions[:, None], slots, static=static)[:, -1]
+
+
+def first_codebooks(
+    model: CSM, h: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, k_cap: int, static: bool
+) -> torch.Tensor:
+    """Backbone hidden h [B, dim] -> codebooks 0 and 1 [B, 2]: codebook 0 from the backbone head,
+    then one depth step over h and its embedding (positions 0 and 1, where each frame's depth pass
+    starts again) for codebook 1."""
+    code0 = sample_topk(model.codebook0_logits(h), temperature, top_k, k_cap, keys, 0)
+    x = torch.stack([h, model.embed_code(code0, 0)[:, 0]], dim=1)  # [B, 2, dim]
+    d = model.decoder_forward(x, start=0, static=static)[:, -1]
+    return torch.stack([code0, sample_topk(model.depth_logits(d, 1), temperature, top_k, k_cap, keys, 1)], dim=1)
+
+
+def next_codebook(
+    model: CSM, previous: torch.Tensor, i: int | torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor,
+    top_k: torch.Tensor, k_cap: int, static: bool,
+) -> torch.Tensor:
+    """Codes [B] of codebook i - 1 -> codes [B] of codebook i (2..31): one depth decoder step.
+    static (i a 0-dim tensor): fixed shapes and no host sync, so one compiled graph serves all 30."""
+    d = model.decoder_forward(model.embed_code(previous, i - 1), start=i, static=static)[:, -1]
+    return sample_topk(model.depth_logits(d, i), temperature, top_k, k_cap, keys, i)
+
+
+def batch_bucket(batch: int) -> int:
+    """Compiled frames run at a few fixed batch sizes (powers of two); smaller batches are padded."""
+    return 1 << max(0, batch - 1).bit_length()
+
+
+class FrameGenerator:
+    """Runs a CSM model for streams that each own a backbone cache slot.
+
+    With compile=True each model call of a frame (the backbone step, then 31 depth steps each with
+    its sampling) runs as a torch.compile graph, one per batch bucket: CUDA graphs on GPUs
+    ("reduce-overhead"), C++ kernels on CPU. Not thread-safe: one thread owns a FrameGenerator
+    (the service's inference worker).
+    """
+
+    def __init__(self, model: CSM, slots: int = 1, compile: bool = False):
+        self.model = model
+        self.cfg = model.cfg
+        self.device = model.codebook0_head.weight.device
+        if compile and model.quantized:
+            raise InputError(f"compile does not work with {model.quantized} quantization (torch.compile cannot trace it); choose one")
+        self.compiled = compile
+        # Compiled batches are padded to a bucket; the padding rows write into a scratch slot.
+        self._scratch_slot = slots
+        cache_slots, rows = (slots + 1, batch_bucket(slots)) if compile else (slots, slots)
+        if model.backbone_cache is None or model.backbone_cache.slots < cache_slots or model.decoder_cache.slots < rows:
+            model.setup_caches(cache_slots, max_batch=rows)
+        self._codebook_index = torch.arange(self.cfg.num_codebooks, device=self.device)
+        self._feed_frame, self._first_codebooks, self._next_codebook = feed_frame, first_codebooks, next_codebook
+        self._cuda_graphs = compile and self.device.type == "cuda"
+        if compile:
+            from torch._dynamo import config as dynamo_config, mark_static_address
+
+            # One graph per (batch bucket, top-k bucket) pair.
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            # The caches are updated in place at fixed addresses: a CUDA graph must use them where
+            # they are, never copy the slot pool into an input buffer of its own (as transformers'
+            # StaticCache does).
+            for cache in (model.backbone_cache, model.decoder_cache):
+                mark_static_address(cache.k)
+                mark_static_address(cache.v)
+            # GPUs: CUDA graphs replay a step's ~100 kernels as one launch. CPU: a C++ wrapper calls
+            # the kernels instead of Python (about a third less time per step at small sizes).
+            how = dict(mode="reduce-overhead") if self._cuda_graphs else dict(options={"cpp_wrapper": True})
+            # The module-level functions themselves, not closures or partials (those share one code
+            # object, hence one cache, between all of them).
+            self._feed_frame = torch.compile(feed_frame, dynamic=False, fullgraph=True, **how)
+            self._first_codebooks = torch.compile(first_codebooks, dynamic=False, fullgraph=True, **how)
+            self._next_codebook = torch.compile(next_codebook, dynamic=False, fullgraph=True, **how)
+
+    @property
+    def max_positions(self) -> int:
+        return self.cfg.backbone.max_seq_len
+
+    def _run(self, step: Callable, *args) -> torch.Tensor:
+        if not self._cuda_graphs:
+            return step(self.model, *args)
+        # A CUDA graph writes its output into the same memory at every replay: each call starts a
+        # new step and the output is copied out before the next replay reuses that memory.
+        torch.compiler.cudagraph_mark_step_begin()
+        return step(self.model, *args).clone()
+
+    @torch.inference_mode()  # live inputs are inference tensors; compiled graphs are specialized to that
+    def warm_up(self, top_k: int = Sampling.top_k) -> None:
+        """Compile (and on GPUs capture) the frame step for every batch bucket up to the slot
+        count at `top_k`'s width, so no live reply waits for a compile. Other top-k widths compile
+        when first used. The warm-up writes only into the scratch slot."""
+        if not self.compiled:
+            return
+        for batch in sorted({batch_bucket(b) for b in range(1, self._scratch_slot + 1)}):
+            started = time.perf_counter()
+            slots = torch.full((batch,), self._scratch_slot)
+            for _ in range(3):  # CUDA graph trees warm up, then record, then replay
+                h = self.feed_frames(slots, torch.zeros(batch, self.cfg.num_codebooks, dtype=torch.long), torch.zeros(batch, dtype=torch.long))
+                self.sample_frames(h, [0] * batch, [0] * batch, [1.0] * batch, [top_k] * batch)
+            log.info("compiled the frame step for %d streams in %.1f s", batch, time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: torch.Tensor, mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Write rows [T, 33] at positions start..start+T-1 of `slot`; return the last hidden state [dim]."""
+        T = tokens.shape[0]
+        if start + T > self.max_positions:
+            raise ContextTooLongError(
+                f"{start + T} rows do not fit in the model's {self.max_positions} positions"
+            )
+        x = self.model.embed_rows(tokens[None].to(self.device), mask[None].to(self.device))
+        positions = torch.arange(start, start + T, device=self.device)[None]
+        slots = torch.tensor([slot], device=self.device)
+        return self.model.backbone_forward(x, positions, slots)[0, -1]
+
+    @torch.inference_mode()
+    def feed_frames(self, slots: torch.Tensor, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Append one generated frame per stream: codes [B, 32] at positions [B] -> hidden [B, dim]."""
+        B = slots.shape[0]
+        pad = batch_bucket(B) - B if self.compiled else 0
+        if pad:
+            slots = torch.cat([slots, torch.full((pad,), self._scratch_slot)])
+            codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
+            positions = torch.cat([positions, positions.new_zeros(pad)])
+        return self._run(self._feed_frame, slots.to(self.device), codes.to(self.device), positions.to(self.device), self.compiled)[:B]
+
+    @torch.inference_mode()
+    def sample_frames(
+        self, h: torch.Tensor, seeds: list[int], frames: list[int], temperature: list[float], top_k: list[int]
+    ) -> torch.Tensor:
+        """Backbone hidden h [B, dim] and each stream's seed, frame number, temperature and top_k
+        -> codes [B, 32]. A stream's codes depend on its own (seed, frame) only, not on its batch."""
+        B = h.shape[0]
+        k_cap = top_k_bucket(max(top_k), self.cfg.audio_vocab_size)
+        pad = batch_bucket(B) - B if self.compiled else 0
+        settings = torch.tensor(
+            [[s % 2**32 for s in seeds] + [0] * pad, [f % 2**32 for f in frames] + [0] * pad, list(top_k) + [1] * pad]
+        ).to(self.device)
+        keys = noise_keys(settings[0], settings[1])
+        temperature = torch.tensor(list(temperature) + [1.0] * pad).to(self.device)
+        if pad:
+            h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
+        top_k = settings[2]
+        static = self.compiled
+        codes = list(self._run(self._first_codebooks, h, keys, temperature, top_k, k_cap, static).unbind(1))
+        for i in self._codebook_index[2:] if static else range(2, self.cfg.num_codebooks):
+            codes.append(self._run(self._next_codebook, codes[-1], i, keys, temperature, top_k, k_cap, static))
+        return torch.stack(codes, dim=1)[:B]
