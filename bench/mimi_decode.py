@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from csm_plugin.models.mimi import FRAME_SIZE, MimiConfig, mimi_from_state_dict, random_mimi_state_dict
+from csm_plugin.models.mimi import FRAME_SIZE, MimiConfig
+from csm_plugin.models.mimi_loading import mimi_from_state_dict, random_mimi_state_dict
 
 
 def _median_ms(fn, warmup: int, reps: int) -> float:

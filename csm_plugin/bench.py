@@ -28,7 +28,8 @@ from .models.loading import (
     random_weights,
     tiny_config,
 )
-from .models.mimi import MimiConfig, mimi_from_state_dict, random_mimi_state_dict
+from .models.mimi import MimiConfig
+from .models.mimi_loading import mimi_from_state_dict, random_mimi_state_dict
 from .prompt import Segment, TextTokenizer, build_prompt
 
 CONTEXT_SECONDS = 30

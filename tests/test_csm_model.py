@@ -152,7 +152,7 @@ def write_sesame(src, dst, state_transform=lambda s: s, as_ckpt=False):
     dst.mkdir()
     config = sesame_config(cfg)
     # carry the codec over as a moshi-format file, as Sesame's users get it from kyutai's repo
-    from csm_plugin.models.mimi import to_moshi_state_dict
+    from csm_plugin.models.mimi_loading import to_moshi_state_dict
 
     codec = {k[len("codec_model."):]: v for k, v in fmt_state.items() if k.startswith("codec_model.")}
     raw = json.loads((src / "config.json").read_text())

@@ -13,9 +13,8 @@ from safetensors.torch import save_file
 
 from csm_plugin.audio import float_to_int16, int16_to_float, read_mono, resample_to_24k
 from csm_plugin.errors import AudioError, CheckpointError
-from csm_plugin.models.mimi import (
-    FRAME_SIZE,
-    MimiConfig,
+from csm_plugin.models.mimi import FRAME_SIZE, MimiConfig
+from csm_plugin.models.mimi_loading import (
     load_mimi,
     mimi_from_state_dict,
     random_mimi_state_dict,

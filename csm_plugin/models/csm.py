@@ -76,6 +76,17 @@ def csm_1b_config() -> CSMConfig:
     )
 
 
+# RoPE in the rotate-half layout (transformers'): dims i and i + head_dim/2 rotate together.
+# Mimi (mimi.py) uses these helpers too.
+
+
+def hf_rope_settings(d: dict) -> tuple[str, float | None, dict]:
+    """The RoPE settings of a transformers config dict in either spelling (`rope_parameters`, or
+    the older `rope_scaling` + top-level `rope_theta`): (rope type, theta or None, the rope dict)."""
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    return rope.get("rope_type", rope.get("type", "default")), rope.get("rope_theta", d.get("rope_theta")), rope
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     # fp32 throughout, like torchtune and transformers, so positions map to the same angles.
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -93,9 +104,21 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     return torch.where(is_medium, smoothed, scaled)
 
 
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float positions [...] -> cos, sin [..., head_dim] of their rotation angles."""
+    angles = positions[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)  # rotate-half layout: each angle twice
+    return angles.cos(), angles.sin()
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., head_dim] by angles given as cos, sin (broadcast against x)."""
+    return x * cos + rotate_half(x) * sin
 
 
 class RMSNorm(nn.Module):
@@ -160,8 +183,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = (q * cos + rotate_half(q) * sin).to(x.dtype)
-        k = (k * cos + rotate_half(k) * sin).to(x.dtype)
+        q = apply_rope(q, cos, sin).to(x.dtype)
+        k = apply_rope(k, cos, sin).to(x.dtype)
         k, v = cache.update(layer, slots, positions, length, k, v)  # [B, Hkv, L, Dh]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -209,10 +232,8 @@ class Transformer(nn.Module):
         if device.type == "meta":  # weights not loaded yet; reset_buffers() runs after loading
             return
         inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling).to(device)
-        angles = torch.outer(torch.arange(self.cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)  # [max_len, Dh], rotate-half layout
-        self.rope_cos = angles.cos()
-        self.rope_sin = angles.sin()
+        positions = torch.arange(self.cfg.max_seq_len, device=device, dtype=torch.float32)
+        self.rope_cos, self.rope_sin = rope_cos_sin(positions, inv_freq)  # [max_len, Dh] each
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor | None, static: bool = False

@@ -9,6 +9,9 @@ Formats
   order. The tokenizer and Mimi come from their own repos unless the folder has them.
 
 Weights are only ever read with safetensors or torch.load(weights_only=True).
+
+Mimi's own checkpoints (its layouts, random weights, load_mimi) are mimi_loading.py's; the hub
+download and the q/k RoPE row permutation here serve both.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from ..prompt import TextTokenizer
-from .csm import CSM, FLAVORS, CSMConfig, RopeScaling, TransformerConfig, quantize_int8
+from .csm import CSM, FLAVORS, CSMConfig, RopeScaling, TransformerConfig, hf_rope_settings, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +58,15 @@ def resolve_model_path(model: str | os.PathLike, revision: str | None = None) ->
         raise CheckpointError(f"{model} is a file; pass the checkpoint folder that holds config.json")
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise CheckpointError(f"no checkpoint folder at {model} (and it is not a hub repo id like 'sesame/csm-1b')")
-    return _download(model, revision, DOWNLOAD_PATTERNS)
+    return hub_download(model, revision, DOWNLOAD_PATTERNS)
 
 
-def _download(repo_id: str, revision: str | None, patterns: list[str] | None = None, filename: str | None = None) -> Path:
+def hub_download(
+    repo_id: str, revision: str | None = None, patterns: list[str] | None = None, filename: str | None = None
+) -> Path:
+    """One file of a hub repo (`filename`), or a snapshot of its files that match `patterns`, in
+    the hub cache. Every failure becomes a CheckpointError that says how to fix it. The one place
+    that calls huggingface_hub, for CSM checkpoints, tokenizers and Mimi (mimi_loading.py) alike."""
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -90,6 +98,11 @@ def _download(repo_id: str, revision: str | None, patterns: list[str] | None = N
         ) from e
     except HfHubHTTPError as e:
         raise CheckpointError(f"downloading {what} failed: {e}") from e
+    except Exception as e:  # noqa: BLE001 - anything else (an invalid repo id, a network error): one clear error
+        raise CheckpointError(
+            f"downloading {what} failed ({type(e).__name__}: {e}); check the repo id and network access, "
+            f"or pass a local path"
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,9 +110,9 @@ def _download(repo_id: str, revision: str | None, patterns: list[str] | None = N
 
 
 def _rope_from_hf(d: dict) -> tuple[float, RopeScaling | None]:
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    theta = float(rope.get("rope_theta", d.get("rope_theta", 500_000.0)))
-    if rope.get("rope_type", rope.get("type", "default")) != "llama3":
+    rope_type, theta, rope = hf_rope_settings(d)
+    theta = float(500_000.0 if theta is None else theta)
+    if rope_type != "llama3":
         return theta, None
     scaling = RopeScaling(
         factor=float(rope["factor"]),
@@ -258,14 +271,16 @@ def _rename(keys, rules) -> tuple[dict[str, str], list[str]]:
 
 
 def interleaved_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """q/k rows of interleaved-RoPE weights (dims 2i, 2i+1 rotate together) -> rotate-half order."""
+    """q/k rows of interleaved-RoPE weights (dims 2i, 2i+1 rotate together: Sesame's and moshi's)
+    -> rotate-half order (transformers', which csm.py and mimi.py use), per head."""
     out, inp = w.shape
-    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+    return w.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
 def rotate_half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of interleaved_to_rotate_half (for writing Sesame and moshi checkpoints)."""
     out, inp = w.shape
-    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+    return w.reshape(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
 
 
 def _qk_heads(cfg: CSMConfig, internal_key: str) -> int | None:
@@ -393,13 +408,14 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Load a CSM checkpoint (folder or hub repo id, either format), its tokenizer and Mimi.
     quantize="int8" quantizes the linear layers (CPU, fp32 only)."""
-    from .mimi import MimiConfig, load_mimi, mimi_from_state_dict
+    from .mimi import MimiConfig
+    from .mimi_loading import load_mimi, mimi_from_state_dict
 
     path = resolve_model_path(model, revision)
     fmt, cfg, raw = read_config(path)
     if fmt == "sesame" and not (path / "model.safetensors").exists() and not (path / "ckpt.pt").exists():
         if not Path(str(model)).expanduser().is_dir():  # a hub repo without safetensors
-            path = _download(str(model), revision, filename="ckpt.pt").parent
+            path = hub_download(str(model), revision, filename="ckpt.pt").parent
     state = read_tensors(path)
     codec_state = {k[len("codec_model."):]: state.pop(k) for k in [k for k in state if k.startswith("codec_model.")]}
     csm = build_model(cfg, to_internal(state, fmt, cfg), device=device, dtype=dtype, quantize=quantize)
@@ -414,7 +430,7 @@ def load_checkpoint(
         mimi_cfg = MimiConfig.from_hf_dict(raw["mimi_config"]) if "mimi_config" in raw else MimiConfig.full()
         codec = mimi_from_state_dict(load_file(path / raw["mimi"]), mimi_cfg)
     else:
-        codec = load_mimi(_download(DEFAULT_MIMI_REPO, None, filename=DEFAULT_MIMI_FILE))
+        codec = load_mimi(hub_download(DEFAULT_MIMI_REPO, filename=DEFAULT_MIMI_FILE))
     codec = codec.to(device).float().eval()
     log.info("loaded %s (%s format) on %s as %s", path, fmt, device, dtype)
     return LoadedCheckpoint(path, fmt, cfg, csm, tokenizer, codec)
@@ -445,7 +461,7 @@ def _tokenizer_file(path: Path, raw: dict) -> Path:
     if (path / "tokenizer.json").is_file():
         return path / "tokenizer.json"
     repo = raw.get("tokenizer_repo", DEFAULT_TOKENIZER_REPO)
-    return _download(repo, None, filename="tokenizer.json")
+    return hub_download(repo, filename="tokenizer.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,7 +506,8 @@ def make_test_checkpoint(
     directory: str | os.PathLike, fmt: Format = "hf", seed: int = 0, tokenizer: str | os.PathLike | None = None
 ) -> Path:
     """Write a small random CSM checkpoint (with a tiny random Mimi and a real Llama-3 tokenizer)."""
-    from .mimi import MimiConfig, random_mimi_state_dict, to_moshi_state_dict
+    from .mimi import MimiConfig
+    from .mimi_loading import random_mimi_state_dict, to_moshi_state_dict
 
     if fmt not in ("hf", "sesame"):
         raise CheckpointError(f"format must be 'hf' or 'sesame', got {fmt!r}")
