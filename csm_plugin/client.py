@@ -25,9 +25,7 @@ import base64
 import contextlib
 import json
 import logging
-import math
 import os
-import secrets
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,14 +33,22 @@ from urllib.parse import quote
 
 import aiohttp
 import numpy as np
-import torch
 
-from .audio import SAMPLE_RATE, as_mono, float_to_int16
-from .engine import FRAME_MS
+from .audio import as_mono, float_to_int16
+from .conversation.history import Event, History, check_played_ms
+from .conversation.options import SpeakOptions
+from .conversation.protocol import (
+    CONVERSATION_ID_RULE,
+    Code,
+    chunk_in,
+    dumps,
+    events_in,
+    segment_in,
+    segment_out,
+    valid_conversation_id,
+)
+from .conversation.types import FRAME_MS, AudioChunk, Segment, Turn, check_speaker, check_text
 from .errors import AudioError, ContextTooLongError, ConversationBusyError, CSMError, EngineError, InputError
-from .prompt import Segment, check_speaker, check_text
-from .server.protocol import CONVERSATION_ID, Code, decode_codes, dumps, history_digest, segment_in, segment_out
-from .service import AudioChunk, Word, spoken_text
 
 log = logging.getLogger(__name__)
 
@@ -219,17 +225,19 @@ class RemoteBackend:
         maps speakers to voice names registered on the server."""
         if conversation_id in self._conversations:
             return self._conversations[conversation_id]
-        if not isinstance(conversation_id, str) or not CONVERSATION_ID.match(conversation_id):
-            raise InputError("a conversation id is 1-128 characters of A-Z a-z 0-9 . _ : - (starting with a letter or digit)")
+        if not valid_conversation_id(conversation_id):
+            raise InputError(CONVERSATION_ID_RULE)
         for speaker in voices or {}:
             check_speaker(speaker)
         conv = self._conversations[conversation_id] = RemoteConversation(self, conversation_id, dict(voices or {}))
         return conv
 
-    async def speech(self, text: str, *, speaker: int = 0, context: list[Segment] | None = None, **sampling) -> bytes:
+    async def speech(
+        self, text: str, options: SpeakOptions | None = None, *, context: list[Segment] | None = None, **changes
+    ) -> bytes:
         """One reply as a WAV file (POST /v1/speech), after an optional context of segments."""
-        body = {"text": check_text(text), "speaker": check_speaker(speaker), **sampling,
-                "context": [segment_out(s, "user") for s in context or []]}
+        options = SpeakOptions.build(options, **changes)
+        body = {"text": check_text(text), **options.to_wire(), "context": [segment_out(s, "user") for s in context or []]}
         async with self._session().post(self.url + "/v1/speech", headers=self.headers, json=body) as response:
             if response.status != 200:
                 raise await _error_from_response(response)
@@ -276,8 +284,8 @@ class _Stream:
     speaker: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     delivered_frames: int = 0
-    codes: list[torch.Tensor] = field(default_factory=list)
-    heard_ms: float | None = None  # an explicit interrupt(played_ms) from the caller
+    codes: list[np.ndarray] = field(default_factory=list)
+    heard: tuple[float, int] | None = None  # an explicit interrupt(played_ms, replies) from the caller
     finished: asyncio.Event = field(default_factory=asyncio.Event)  # `done` applied, or given up
     ended: bool = False  # the caller read it to its end (done, error or lost)
     correction: asyncio.Future | None = None  # the interrupt sent when the caller stopped early
@@ -291,8 +299,7 @@ class RemoteConversation:
         self.id = conversation_id
         self.voices = voices
         self.replays = 0  # how many times the history was replayed to a server (observability)
-        self._voice_segments: list[Segment] = []
-        self._turns: list[tuple[Segment, str]] = []  # (segment, origin) as the server recorded them
+        self._history = History()  # as the server recorded it: its events are applied here
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task | None = None
         self._futures: dict[int, asyncio.Future] = {}
@@ -308,7 +315,15 @@ class RemoteConversation:
     @property
     def history(self) -> list[Segment]:
         """The context the next reply is conditioned on (voice prompts once connected, then turns)."""
-        return self._voice_segments + [s for s, _ in self._turns]
+        return self._history.segments
+
+    @property
+    def turns(self) -> list[Turn]:
+        return list(self._history)
+
+    def digest(self) -> str:
+        """The fingerprint the server compares on reconnect (see History.digest)."""
+        return self._history.digest(self.voices)
 
     @property
     def speaking(self) -> bool:
@@ -316,7 +331,7 @@ class RemoteConversation:
 
     async def add_segment(
         self, speaker: int, text: str, audio: np.ndarray | None = None, sample_rate: int | None = None
-    ) -> None:
+    ) -> list[Event]:
         """Record a turn; audio (mono, any rate) is encoded on the server, which sends the codes back."""
         check_speaker(speaker)
         text = check_text(text)
@@ -327,28 +342,18 @@ class RemoteConversation:
                 raise AudioError(f"audio needs an int sample_rate, got {sample_rate!r}")
             pcm = as_mono(audio)
             message["audio"] = {"format": "s16le", "sample_rate": int(sample_rate), "data": _b64(float_to_int16(pcm).astype("<i2"))}
-        await self._request(message)
+        return events_in((await self._request(message)).get("events", []))
 
-    async def speak(
-        self,
-        text: str,
-        *,
-        speaker: int = 0,
-        temperature: float = 0.9,
-        top_k: int = 50,
-        seed: int | None = None,
-        max_audio_ms: float | None = None,
-        chunk_frames: int | None = None,
-    ) -> AsyncIterator[AudioChunk]:
-        """Audio chunks of the reply as the server sends them. Stopping early (break, aclose(),
-        cancellation) keeps only the delivered frames in the history, as the local service does."""
+    async def speak(self, text: str, options: SpeakOptions | None = None, **changes) -> AsyncIterator[AudioChunk]:
+        """Audio chunks of the reply as the server sends them (options as for the local service).
+        Stopping early (break, aclose(), cancellation) keeps only the delivered frames in the
+        history, as the local service does."""
         text = check_text(text)
-        check_speaker(speaker)
+        options = SpeakOptions.build(options, **changes).with_seed()  # fixed here: a restart says the same
         self._check_idle()
         self._speaking = True
-        message = {"type": "speak", "text": text, "speaker": speaker, "temperature": temperature, "top_k": top_k,
-                   "seed": secrets.randbits(31) if seed is None else seed,  # fixed here: a restart says the same
-                   "max_audio_ms": max_audio_ms, "chunk_frames": chunk_frames}
+        speaker = options.speaker
+        message = {"type": "speak", "text": text, **options.to_wire()}
         retry = _Backoff(self.backend)
         stream: _Stream | None = None
         try:
@@ -365,10 +370,10 @@ class RemoteConversation:
                 while restart is None:
                     kind, *item = await stream.queue.get()
                     if kind == "chunk":
-                        chunk, codes = item
+                        (chunk,) = item
                         stream.delivered_frames += chunk.num_frames
-                        if codes is not None:
-                            stream.codes.extend(codes)
+                        if chunk.codes is not None:
+                            stream.codes.extend(chunk.codes)
                         yield chunk
                     elif kind == "done":
                         stream.ended = True
@@ -397,21 +402,25 @@ class RemoteConversation:
             if stream is not None and not stream.ended:
                 self._stopped_early(stream)
 
-    async def interrupt(self, played_ms: float | None = None) -> None:
+    async def interrupt(self, played_ms: float | None = None, *, replies: int = 1) -> list[Event]:
         """The listener talked over the reply: stop it. played_ms (audio actually played) trims the
-        recorded reply; after a reply has ended, trims that last reply instead."""
-        if played_ms is not None and not (isinstance(played_ms, (int, float)) and math.isfinite(played_ms) and played_ms >= 0):
-            raise InputError(f"played_ms must be a non-negative number, got {played_ms!r}")
+        recorded reply; after a reply has ended, trims that last reply instead; replies=n trims
+        the last n replies, played back to back (see the local service)."""
+        if played_ms is not None:
+            played_ms = check_played_ms(played_ms)
+        if isinstance(replies, bool) or not isinstance(replies, int) or replies < 1:
+            raise InputError(f"replies must be an int >= 1, got {replies!r}")
         stream = self._stream
         if self._speaking and stream is not None and not stream.finished.is_set():
             if played_ms is not None:
-                stream.heard_ms = played_ms
+                stream.heard = (played_ms, replies)
             with contextlib.suppress(_Retry):
-                await self._send({"type": "interrupt", "id": next(self._ids), "played_ms": played_ms})
-            return
-        if not self._can_trim(played_ms):
-            return  # nothing to trim: no round trip
-        await self._request({"type": "interrupt", "played_ms": played_ms})
+                await self._send({"type": "interrupt", "id": next(self._ids), "played_ms": played_ms, "replies": replies})
+            return []
+        if played_ms is None or not self._history.turns:
+            return []  # nothing to trim: no round trip
+        answer = await self._request({"type": "interrupt", "played_ms": played_ms, "replies": replies})
+        return events_in(answer.get("events", []))
 
     async def close(self) -> None:
         """Forget this conversation on the server, then close the socket."""
@@ -427,7 +436,7 @@ class RemoteConversation:
             log.debug("closing %s on the server: %s", self.id, e)  # it forgets idle conversations anyway
         finally:
             await self._drop()
-            self._turns.clear()
+            self._history = History()
 
     # --- requests and sockets -------------------------------------------------------------
 
@@ -453,16 +462,17 @@ class RemoteConversation:
             return
         await self._drop()
         await self._open_socket()
-        open_message = {"type": "open", "voices": _voices_json(self.voices), "turns": len(self._turns),
-                        "digest": history_digest(self.voices, self._turns)}
+        turns = self._history.turns
+        open_message = {"type": "open", "voices": _voices_json(self.voices), "turns": len(turns),
+                        "digest": self.digest()}
         try:
             ready = await self._roundtrip(open_message)
         except UnknownConversationError:
-            history = [segment_out(s, origin) for s, origin in self._turns]
+            history = [segment_out(t.segment, t.origin) for t in turns]
             ready = await self._roundtrip({"type": "restore", "voices": _voices_json(self.voices), "history": history})
             self.replays += 1
             log.info("conversation %s: replayed %d turns to the server", self.id, len(history))
-        self._voice_segments = [segment_in(v)[0] for v in ready["voices"]]
+        self._history.replace([segment_in(v)[0] for v in ready["voices"]], [(t.segment, t.origin) for t in turns])
 
     async def _open_socket(self) -> None:
         backend = self.backend
@@ -539,7 +549,7 @@ class RemoteConversation:
                 elif msg.type == aiohttp.WSMsgType.BINARY:
                     stream = self._stream
                     if header is not None and stream is not None and header.get("re") == stream.rid and not stream.finished.is_set():
-                        stream.queue.put_nowait(("chunk", _chunk(header, msg.data), _header_codes(header)))
+                        stream.queue.put_nowait(("chunk", chunk_in(header, msg.data)))
                     header = None
                 elif msg.type == aiohttp.WSMsgType.ERROR:
                     break
@@ -565,20 +575,11 @@ class RemoteConversation:
             else:
                 log.warning("conversation %s: server error %s: %s", self.id, error.code, error)
             return
-        if kind == "added":
-            self._turns.append(segment_in(data["segment"]))
-            self._trim_to(data["turns"])
-        elif kind == "done":
-            if data.get("segment") is not None:
-                self._turns.append(segment_in(data["segment"]))
-            self._trim_to(data["turns"])
-            if stream is not None:
-                stream.finished.set()
-                stream.queue.put_nowait(("done", data))
-        elif kind == "interrupted" and data.get("changed"):
-            self._turns.pop()
-            if data.get("segment") is not None:
-                self._turns.append(segment_in(data["segment"]))
+        for event in events_in(data.get("events", [])):  # the server's history changed: ours too
+            self._history.apply(event)
+        if kind == "done" and stream is not None:
+            stream.finished.set()
+            stream.queue.put_nowait(("done", data))
         future = self._futures.get(rid)
         if future is not None and not future.done():
             future.set_result(data)
@@ -604,29 +605,22 @@ class RemoteConversation:
 
     # --- keeping the history exact --------------------------------------------------------
 
-    def _trim_to(self, turns: int) -> None:
-        """The server dropped its oldest turns to fit the context budget: do the same."""
-        if len(self._turns) > turns:
-            del self._turns[: len(self._turns) - turns]
-
     def _stopped_early(self, stream: _Stream) -> None:
-        """The caller stopped reading: tell the server how much was delivered, so both histories
-        keep exactly that; the next request waits for the answer (see _settle)."""
-        delivered_ms = stream.delivered_frames * FRAME_MS
-        played = delivered_ms if stream.heard_ms is None else min(stream.heard_ms, delivered_ms)
+        """The caller stopped reading: tell the server how much was heard (what was delivered, or
+        what the caller said was played), so both histories keep exactly that; the next request
+        waits for the answer (see _settle)."""
+        if stream.heard is None:
+            stream.heard = (stream.delivered_frames * FRAME_MS, 1)
         self._unsettled = stream
         if self._ws is None or self._ws.closed:
             self._unsettled = None
-            if stream.finished.is_set():  # the server's account is in: trim it to what was delivered
-                self._trim_last_locally(played)
-            else:
-                stream.finished.set()
-                self._record_partial(stream)
+            self._reconcile_locally(stream)
             return
         rid = next(self._ids)
         stream.correction = self._futures[rid] = asyncio.get_running_loop().create_future()
-        stream.heard_ms = played
-        task = asyncio.get_running_loop().create_task(self._send_quietly({"type": "interrupt", "id": rid, "played_ms": played}))
+        played_ms, replies = stream.heard
+        message = {"type": "interrupt", "id": rid, "played_ms": played_ms, "replies": replies}
+        task = asyncio.get_running_loop().create_task(self._send_quietly(message))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -646,40 +640,29 @@ class RemoteConversation:
             await asyncio.wait_for(asyncio.gather(*waits), timeout)
         except Exception:  # noqa: BLE001 - timeout or a lost socket: reconcile locally
             await self._drop()
-            if not stream.finished.is_set():
-                stream.finished.set()
-                self._record_partial(stream)
-            else:
-                self._trim_last_locally(stream.heard_ms)
+            self._reconcile_locally(stream)
         finally:
             self._futures = {k: v for k, v in self._futures.items() if v is not stream.correction}
 
+    def _reconcile_locally(self, stream: _Stream) -> None:
+        """Without the server's account: if its `done` came, apply the caller's barge-in to the
+        reply it recorded; if not, record the reply as the caller heard it. The same History
+        rules as on the server."""
+        played_ms, replies = stream.heard if stream.heard is not None else (None, 1)
+        if stream.finished.is_set():
+            if played_ms is not None:
+                self._history.trim_heard(played_ms, replies)
+            return
+        stream.finished.set()
+        self._record_partial(stream)
+
     def _record_partial(self, stream: _Stream) -> None:
         """The reply broke off without the server's account: record what the caller got."""
-        frames = stream.delivered_frames
-        if stream.heard_ms is not None:
-            frames = min(frames, math.ceil(stream.heard_ms / FRAME_MS))
-        if frames <= 0:
-            return
-        codes = torch.stack(stream.codes[:frames]) if len(stream.codes) >= frames else None
-        text = spoken_text(stream.text, frames * FRAME_MS)
-        # Without codes (the server did not send them) the turn is kept as text: the words stay in context.
-        self._turns.append((Segment(stream.speaker, text, codes), "agent"))
-
-    def _can_trim(self, played_ms: float | None) -> bool:
-        if played_ms is None or not self._turns:
-            return False
-        last, origin = self._turns[-1]
-        return origin == "agent" and last.codes is not None and math.ceil(played_ms / FRAME_MS) < last.codes.shape[0]
-
-    def _trim_last_locally(self, played_ms: float | None) -> None:
-        """The same trim the server does after a reply (service.Conversation.interrupt)."""
-        if not self._can_trim(played_ms):
-            return
-        last, _ = self._turns.pop()
-        heard = max(0, math.ceil(played_ms / FRAME_MS))
-        if heard:
-            self._turns.append((Segment(last.speaker, spoken_text(last.text, heard * FRAME_MS), last.codes[:heard]), "agent"))
+        played_ms, replies = stream.heard if stream.heard is not None else (None, 1)
+        self._history.record_heard(
+            stream.speaker, stream.text, stream.codes[: stream.delivered_frames], complete=False,
+            played_ms=played_ms, replies=replies,
+        )
 
 
 class _Backoff:
@@ -707,16 +690,3 @@ def _voices_json(voices: Mapping[int, str]) -> dict[str, str]:
 
 def _b64(array: np.ndarray) -> str:
     return base64.b64encode(array.tobytes()).decode("ascii")
-
-
-def _chunk(header: dict, data: bytes) -> AudioChunk:
-    pcm = np.frombuffer(data, dtype="<i2").astype(np.int16)
-    words = tuple(Word(text, start) for text, start in header.get("words", []))
-    return AudioChunk(pcm, header["start_ms"], header["text_start"], header["text_end"], words,
-                      header.get("sample_rate", SAMPLE_RATE))
-
-
-def _header_codes(header: dict) -> list[torch.Tensor] | None:
-    if header.get("codes") is None:
-        return None
-    return list(decode_codes(header["codes"]))

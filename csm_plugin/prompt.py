@@ -7,48 +7,18 @@ audio, one row per frame followed by an all-zero end-of-audio frame.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from .errors import CheckpointError, InputError
+from .conversation.types import NUM_CODEBOOKS, Segment, check_speaker, check_text
+from .errors import CheckpointError
 
-NUM_CODEBOOKS = 32
 NUM_COLUMNS = NUM_CODEBOOKS + 1
-
-
-def check_speaker(speaker: object) -> int:
-    # bool is an int subclass; "[True]" would be a silently wrong prompt.
-    if isinstance(speaker, bool) or not isinstance(speaker, int):
-        raise InputError(f"speaker must be a non-negative int, got {type(speaker).__name__} {speaker!r}")
-    if speaker < 0:
-        raise InputError(f"speaker must be a non-negative int, got {speaker}")
-    return speaker
-
-
-def check_text(text: object) -> str:
-    if not isinstance(text, str):
-        raise InputError(f"text must be a str, got {type(text).__name__}")
-    if not text.strip():
-        raise InputError("text is empty")
-    return text.strip()
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One turn of a conversation. `codes` is [frames, 32] Mimi codes, or None for text only."""
-
-    speaker: int
-    text: str
-    codes: torch.Tensor | None = None
-
-    def __post_init__(self):
-        check_speaker(self.speaker)
-        check_text(self.text)
-        if self.codes is not None and (self.codes.ndim != 2 or self.codes.shape[1] != NUM_CODEBOOKS):
-            raise InputError(f"segment codes must be [frames, {NUM_CODEBOOKS}], got {list(self.codes.shape)}")
+__all__ = ["NUM_CODEBOOKS", "NUM_COLUMNS", "Segment", "TextTokenizer", "check_speaker", "check_text",
+           "text_rows", "audio_rows", "segment_rows", "build_prompt"]
 
 
 class TextTokenizer:
@@ -79,12 +49,12 @@ def text_rows(token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, mask
 
 
-def audio_rows(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def audio_rows(codes: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """codes [frames, 32] -> rows for those frames plus the all-zero end-of-audio frame."""
     frames = codes.shape[0] + 1
     tokens = torch.zeros(frames, NUM_COLUMNS, dtype=torch.long)
     mask = torch.zeros(frames, NUM_COLUMNS, dtype=torch.bool)
-    tokens[:-1, :-1] = codes.to(torch.long).cpu()
+    tokens[:-1, :-1] = torch.as_tensor(np.asarray(codes, dtype=np.int64)) if isinstance(codes, np.ndarray) else codes.to(torch.long).cpu()
     mask[:, :-1] = True
     return tokens, mask
 

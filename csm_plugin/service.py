@@ -3,7 +3,8 @@
 A Conversation keeps what was said and how (speaker, text, Mimi codes of both sides), so CSM's
 prosody follows the conversation. Its context prefix stays in a KV-cache slot between turns: a new
 reply prefills only the rows that are not cached yet, streams audio one 80 ms frame at a time, and
-records in the history exactly the frames the listener got.
+records in the history exactly the frames the listener got (the rules live in
+`csm_plugin.conversation.history`; this module applies them to the engine).
 
     async with CSMService("sesame/csm-1b", device="cuda", dtype="bfloat16") as service:
         conv = service.conversation("call-42")
@@ -15,107 +16,39 @@ records in the history exactly the frames the listener got.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import math
 import os
-import re
-import secrets
 import threading
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import Future
 
 import numpy as np
 import torch
 
-from .audio import SAMPLE_RATE, as_mono, float_to_int16
-from .engine import FRAME_MS, Engine, InferenceWorker, Sampling, SlotsBusyError, Stream, max_frames_for_text
-from .errors import AudioError, ContextTooLongError, ConversationBusyError, CSMError, InputError
+from .audio import as_mono, float_to_int16
+from .conversation.history import CHARS_PER_SECOND, Event, History, check_played_ms, spoken_text, word_timings
+from .conversation.options import SpeakOptions
+from .conversation.types import FRAME_MS, AudioChunk, Origin, Segment, Turn, Word, as_codes, check_speaker, check_text
+from .engine import AudioFrame, Engine, InferenceWorker, Sampling, SlotsBusyError, Stream, max_frames_for_text
+from .errors import AudioError, ConversationBusyError, CSMError, InputError
 from .models.loading import DEFAULT_MODEL
-from .prompt import Segment, check_speaker, check_text
 
 log = logging.getLogger(__name__)
 
-# Typical conversational speaking rate, used to estimate which words a stretch of audio covers.
-CHARS_PER_SECOND = 14.0
+__all__ = ["CSMService", "Conversation", "Reply", "AudioChunk", "Turn", "Voice", "Word", "SpeakOptions",
+           "spoken_text", "word_timings"]
+
 MIN_INPUT_RATE, MAX_INPUT_RATE = 8_000, 192_000
 
 
-@dataclass(frozen=True)
-class Word:
-    text: str
-    start_ms: float  # estimated, from the start of the utterance
-
-
-@dataclass(frozen=True)
-class AudioChunk:
-    """One or more 80 ms frames of a reply, with the words they are estimated to cover."""
-
-    pcm: np.ndarray  # int16, mono
-    start_ms: float  # offset of the first sample in the utterance
-    text_start: int  # estimated character span of the utterance's text
-    text_end: int
-    words: tuple[Word, ...]  # words estimated to start within this chunk
-    codes: torch.Tensor | None = None  # the chunk's Mimi codes [frames, 32], e.g. to replay history elsewhere
-    sample_rate: int = SAMPLE_RATE
-
-    @property
-    def data(self) -> bytes:
-        return self.pcm.tobytes()
-
-    @property
-    def duration_ms(self) -> float:
-        return 1000 * len(self.pcm) / self.sample_rate
-
-    @property
-    def num_frames(self) -> int:
-        return len(self.pcm) * 1000 // (self.sample_rate * FRAME_MS)
-
-
-def word_timings(text: str) -> list[tuple[Word, int, int]]:
-    """(word, char start, char end) with start times from the speaking-rate estimate."""
-    return [
-        (Word(m.group(), 1000 * m.start() / CHARS_PER_SECOND), m.start(), m.end()) for m in re.finditer(r"\S+", text)
-    ]
-
-
-def spoken_text(text: str, heard_ms: float) -> str:
-    """The words of `text` that started within the first `heard_ms` (at least the first word)."""
-    words = [w.text for w, _, _ in word_timings(text) if w.start_ms < heard_ms]
-    return " ".join(words) or text.split()[0]
-
-
-@dataclass(frozen=True)
 class Voice:
     """A voice prompt: reference audio (as Mimi codes) and its transcript."""
 
-    name: str
-    text: str
-    codes: torch.Tensor
+    def __init__(self, name: str, text: str, codes: np.ndarray):
+        self.name, self.text, self.codes = name, text, as_codes(codes)
 
-
-@dataclass(frozen=True)
-class Turn:
-    """A history entry and where it came from: "voice" (a pinned prompt), "user" or "agent"."""
-
-    segment: Segment
-    origin: str
-
-
-@dataclass(frozen=True)
-class _Entry:
-    key: int  # unique per recorded segment; the engine's cache is keyed by it
-    segment: Segment
-    rows: int
-    origin: str  # "voice", "user" or "agent"
-
-    @property
-    def pinned(self) -> bool:
-        return self.origin == "voice"
-
-
-_keys = itertools.count()
-_INTERRUPT = object()
+    def __repr__(self) -> str:
+        return f"Voice({self.name!r}, frames={self.codes.shape[0]})"
 
 
 class CSMService:
@@ -206,6 +139,13 @@ class CSMService:
         self.engine  # noqa: B018 - raises if not started
         return asyncio.wrap_future(self._worker.submit(fn, *args))
 
+    def _text_tokens(self, speaker: int, text: str) -> int:
+        return len(self.engine.tokenizer.encode_segment_text(speaker, text))
+
+    def _rows(self, segment: Segment) -> int:
+        """Backbone positions of a segment: its text tokens, then its frames and an end frame."""
+        return self._text_tokens(segment.speaker, segment.text) + (segment.frames + 1 if segment.codes is not None else 0)
+
     async def add_voice(self, name: str, *, text: str, audio: np.ndarray, sample_rate: int) -> Voice:
         """Register a named voice prompt (reference audio + its transcript), encoded once."""
         text = check_text(text)
@@ -223,19 +163,14 @@ class CSMService:
         if conversation_id in self._conversations:
             return self._conversations[conversation_id]
         self.engine  # noqa: B018 - raises if not started
-        entries = []
+        pinned = []
         for speaker, name in (voices or {}).items():
             if name not in self._voices:
                 raise InputError(f"unknown voice {name!r}; register it with add_voice() first")
             voice = self._voices[name]
-            entries.append(self._entry(Segment(check_speaker(speaker), voice.text, voice.codes), "voice"))
-        conv = self._conversations[conversation_id] = Conversation(self, conversation_id, entries, context_budget)
+            pinned.append(Segment(check_speaker(speaker), voice.text, voice.codes))
+        conv = self._conversations[conversation_id] = Conversation(self, conversation_id, pinned, context_budget)
         return conv
-
-    def _entry(self, segment: Segment, origin: str) -> _Entry:
-        text_tokens = len(self.engine.tokenizer.encode_segment_text(segment.speaker, segment.text))
-        audio = 0 if segment.codes is None else segment.codes.shape[0] + 1
-        return _Entry(next(_keys), segment, text_tokens + audio, origin)
 
 
 def _check_audio(audio: np.ndarray, sample_rate: int | None) -> np.ndarray:
@@ -245,51 +180,69 @@ def _check_audio(audio: np.ndarray, sample_rate: int | None) -> np.ndarray:
         raise AudioError(f"sample_rate must be an int, got {sample_rate!r}")
     if not MIN_INPUT_RATE <= sample_rate <= MAX_INPUT_RATE:
         raise AudioError(f"sample_rate {sample_rate} Hz is outside {MIN_INPUT_RATE}..{MAX_INPUT_RATE} Hz")
-    wav = as_mono(audio)
+    try:
+        wav = as_mono(audio)
+    except (TypeError, ValueError) as e:  # e.g. a list of strings
+        raise e if isinstance(e, AudioError) else AudioError(f"audio must be an array of samples: {e}") from None
     if len(wav) < sample_rate * FRAME_MS // 1000:
         raise AudioError(f"audio is shorter than one {FRAME_MS} ms frame")
     return wav
 
 
-def _check_codes(codes, vocab: int) -> torch.Tensor:
-    codes = torch.as_tensor(codes)
-    if codes.ndim != 2 or codes.shape[1] != 32 or codes.shape[0] == 0:
-        raise InputError(f"codes must be [frames, 32] with at least one frame, got {list(codes.shape)}")
-    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
-        raise InputError(f"codes must be integers, got {codes.dtype}")
-    if int(codes.min()) < 0 or int(codes.max()) >= vocab:
-        raise InputError(f"codes must be in 0..{vocab - 1}")
-    return codes.to(torch.long).cpu()
-
-
 class Conversation:
-    """One conversation's history and its reply stream. Not shared across event loops."""
+    """One conversation's history and its reply stream. Not shared across event loops.
 
-    def __init__(self, service: CSMService, conversation_id: str, entries: list[_Entry], context_budget: int | None = None):
+    Every change to the history is announced to the listeners added with `subscribe` as a list of
+    `csm_plugin.conversation.history` events (the server forwards them to its client)."""
+
+    def __init__(self, service: CSMService, conversation_id: str, voices: list[Segment], context_budget: int | None = None):
         self.service = service
         self.id = conversation_id
         self._context_budget = context_budget
-        self._entries = entries
-        self._busy = False
-        self._queue: asyncio.Queue | None = None
-        self._heard_frames: int | None = None
+        self._history = History(voices, rows=service._rows, budget=self.context_budget)
+        self._reply: Reply | None = None
+        self._listeners: list[Callable[[list[Event]], None]] = []
+        self._closed = False
 
     @property
     def history(self) -> list[Segment]:
         """The context the next reply is conditioned on, oldest first (pinned voices included)."""
-        return [e.segment for e in self._entries]
+        return self._history.segments
 
     @property
     def turns(self) -> list[Turn]:
         """The history with each entry's origin."""
-        return [Turn(e.segment, e.origin) for e in self._entries]
+        return list(self._history)
+
+    def digest(self, voice_names: Mapping[int, str] | None = None) -> str:
+        return self._history.digest(voice_names)
 
     @property
     def speaking(self) -> bool:
-        return self._busy
+        return self._reply is not None
+
+    @property
+    def context_budget(self) -> int:
+        return min(self._context_budget or self.service.context_budget, self.service.context_budget)
+
+    def subscribe(self, listener: Callable[[list[Event]], None]) -> Callable[[], None]:
+        """Call `listener(events)` after every change of the history; returns the unsubscribe."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _changed(self, events: list[Event]) -> None:
+        if not events:
+            return
+        for listener in list(self._listeners):
+            try:
+                listener(events)
+            except Exception:  # noqa: BLE001 - a listener's bug must not undo the change
+                log.exception("conversation %s: a history listener failed", self.id)
 
     def _check_idle(self) -> None:
-        if self._busy:
+        if self._closed:
+            raise CSMError(f"conversation {self.id!r} is closed; get a new one from service.conversation()")
+        if self._reply is not None:
             raise ConversationBusyError(
                 f"conversation {self.id!r} is speaking; wait for the reply to end or interrupt() it first"
             )
@@ -301,13 +254,13 @@ class Conversation:
         audio: np.ndarray | None = None,
         sample_rate: int | None = None,
         *,
-        codes: torch.Tensor | np.ndarray | None = None,
-        origin: str = "user",
-    ) -> None:
+        codes: np.ndarray | torch.Tensor | None = None,
+        origin: Origin = "user",
+    ) -> list[Event]:
         """Record a turn. Audio (mono, any rate) is Mimi-encoded, so the speaker's real voice
         conditions later replies; or pass its Mimi `codes` [frames, 32] (e.g. replaying a history
         kept elsewhere). origin is "user" or "agent". The context is prefilled into the cache
-        right away, in the background."""
+        right away, in the background. Returns the history's events."""
         check_speaker(speaker)
         text = check_text(text)
         if origin not in ("user", "agent"):
@@ -316,179 +269,236 @@ class Conversation:
             raise InputError("pass audio or codes, not both")
         self._check_idle()
         if codes is not None:
-            codes = _check_codes(codes, self.service.engine.checkpoint.config.audio_vocab_size)
+            codes = as_codes(codes)
+            vocab = self.service.engine.checkpoint.config.audio_vocab_size
+            if int(codes.max()) >= vocab:
+                raise InputError(f"codes must be in 0..{vocab - 1}")
         elif audio is not None:
             wav = _check_audio(audio, sample_rate)
             codes = await self.service._submit(Engine.encode_audio, wav, sample_rate)
         self._check_idle()
-        self._entries.append(self.service._entry(Segment(speaker, text, codes), origin))
-        if sum(e.rows for e in self._entries) < self.context_budget:
-            context = [(e.key, e.segment) for e in self._entries]
-            self.service._submit(Engine.prefill_context_steps, self.id, context).add_done_callback(_log_failure)
+        events = self._history.record(Segment(speaker, text, codes), origin)
+        self._changed(events)
+        if self._history.rows < self.context_budget:
+            self.service._submit(Engine.prefill_context_steps, self.id, self._keyed()).add_done_callback(_log_failure)
+        return events
 
-    async def speak(
-        self,
-        text: str,
-        *,
-        speaker: int = 0,
-        temperature: float = 0.9,
-        top_k: int = 50,
-        seed: int | None = None,
-        max_audio_ms: float | None = None,
-        chunk_frames: int | None = None,
-    ) -> AsyncIterator[AudioChunk]:
-        """Speak `text` as `speaker`: audio chunks (chunk_frames x 80 ms) as they are generated.
-        Stopping early (break, aclose(), task cancellation or interrupt()) keeps in the history
-        only the frames delivered (or heard) and the words estimated to be in them."""
-        text = check_text(text)
-        check_speaker(speaker)
-        sampling = Sampling(temperature, top_k, secrets.randbits(31) if seed is None else seed, max_audio_ms)
-        chunk_frames = chunk_frames or self.service.chunk_frames
-        service = self.service
-        tokens = len(service.engine.tokenizer.encode_segment_text(speaker, text))
-        if tokens > service.max_text_tokens:
-            raise InputError(f"text is too long: {tokens} tokens, at most {service.max_text_tokens}; split it into sentences")
+    def _keyed(self, turns: list[Turn] | None = None) -> list[tuple[int, Segment]]:
+        return [(t.id, t.segment) for t in (self._history if turns is None else turns)]
+
+    def speak(self, text: str, options: SpeakOptions | None = None, **changes) -> Reply:
+        """Speak `text`: audio chunks (chunk_frames x 80 ms) as they are generated. Options are a
+        SpeakOptions or its fields as keywords (speaker, temperature, top_k, seed, max_audio_ms,
+        chunk_frames). The reply starts (and the conversation is busy) at the first read; bad
+        input raises there, changing nothing. Stopping early (break, aclose(), task
+        cancellation, an exception, or interrupt()) frees the conversation at once and keeps in
+        the history only the frames delivered (or heard) and the words in them."""
+        return Reply(self, text, options, changes)
+
+    def _begin(self, reply: Reply) -> list[Turn]:
+        """Claim the conversation for `reply` (validated first); the context it is conditioned on."""
+        reply.text = check_text(reply.text)
+        reply.options = options = SpeakOptions.build(reply.options, **reply.changes).with_seed()
+        tokens = self.service._text_tokens(options.speaker, reply.text)
+        if tokens > self.service.max_text_tokens:
+            raise InputError(f"text is too long: {tokens} tokens, at most {self.service.max_text_tokens}; split it into sentences")
         self._check_idle()
-        context = self._context_for(tokens, text, sampling)
-        self._busy = True
-        self._heard_frames = None
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queue = queue
-        worker = service._worker
+        room = tokens + max_frames_for_text(reply.text, options.max_audio_ms) + 1
+        context = self._history.context_for(room, self.context_budget)  # ContextTooLongError leaves us idle
+        self._reply = reply
+        return context
 
-        def on_frame(item) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def start(engine: Engine):  # a step generator: the worker interleaves its prefill chunks
-            stream = yield from engine.start_steps(self.id, [(e.key, e.segment) for e in context], speaker, text, sampling)
-            worker.add_stream(stream, on_frame)
-            return stream
-
-        stream: Stream | None = None
-        started = None
-        delivered: list[torch.Tensor] = []
-        completed = False
-        try:
-            started = worker.submit(start, wait_for_slot=True)  # replies beyond the slots queue there
-            stream = await asyncio.wrap_future(started)
-            self._entries = context  # trimmed (if it had to be) only once the reply has started
-            words = word_timings(text)
-            pending: list = []
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item is _INTERRUPT:
-                    break
-                if item is not None:
-                    pending.append(item)
-                if pending and (len(pending) >= chunk_frames or item is None):
-                    chunk = _chunk(text, words, pending, len(delivered), final=item is None)
-                    delivered.extend(f.codes for f in pending)
-                    stream.consumed += len(pending)
-                    pending = []
-                    yield chunk
-                if item is None:
-                    completed = True
-                    break
-        finally:
-            self._queue = None
-            self._busy = False
-            if stream is not None:
-                self._finish(stream, self._record_reply(speaker, text, delivered, completed))
-            elif started is not None:  # cancelled while starting: close the stream once it exists
-                started.add_done_callback(lambda f: not f.cancelled() and f.exception() is None and self._finish(f.result(), None))
-
-    def _record_reply(self, speaker: int, text: str, delivered: list, completed: bool) -> _Entry | None:
-        """Add the reply as heard to the history: the delivered (or heard) frames and their words."""
-        kept = delivered[: self._heard_frames] if self._heard_frames is not None else delivered
-        if not kept:
-            return None
-        heard_all = completed and len(kept) == len(delivered)
-        said = text if heard_all else spoken_text(text, len(kept) * FRAME_MS)
-        entry = self.service._entry(Segment(speaker, said, torch.stack(kept)), "agent")
-        self._entries.append(entry)
-        return entry
-
-    def _finish(self, stream: Stream, entry: _Entry | None) -> None:
-        """Stop the stream and let the cache keep the reply as recorded (thread-safe)."""
-        worker = self.service._worker
-
-        def finish(engine: Engine) -> None:
-            worker.remove_stream(stream)
-            engine.finish(stream, entry and entry.key, entry and entry.segment)
-
-        if worker is not None:
-            worker.submit(finish).add_done_callback(_log_failure)
-
-    async def interrupt(self, played_ms: float | None = None) -> None:
-        """The listener talked over the reply: stop generating within one frame. played_ms (audio
-        actually played, from the start of the reply) trims the recorded reply to the frames that
-        started playing; without it, every delivered frame counts as heard. After a reply has
-        ended, trims that last reply instead."""
-        heard = None if played_ms is None else max(0, math.ceil(played_ms / FRAME_MS))
-        if self._busy:
-            self._heard_frames = heard
-            if self._queue is not None:
-                self._queue.put_nowait(_INTERRUPT)
-            return
-        last = self._entries[-1] if self._entries else None
-        if heard is None or last is None or last.origin != "agent" or last.segment.codes is None:
-            return
-        if heard >= last.segment.codes.shape[0]:
-            return
-        self._entries.pop()
-        if heard:
-            seg = last.segment
-            self._entries.append(
-                self.service._entry(Segment(seg.speaker, spoken_text(seg.text, heard * FRAME_MS), seg.codes[:heard]), "agent")
-            )
-
-    @property
-    def context_budget(self) -> int:
-        return min(self._context_budget or self.service.context_budget, self.service.context_budget)
-
-    def _context_for(self, text_tokens: int, text: str, sampling: Sampling) -> list[_Entry]:
-        """The entries to condition on: all of them if they fit with room for the reply, else the
-        pinned voices and the newest turns that fill about half of what is left."""
-        budget = self.context_budget
-        room = text_tokens + max_frames_for_text(text, sampling.max_audio_ms) + 1
-        pinned = [e for e in self._entries if e.pinned]
-        turns = [e for e in self._entries if not e.pinned]
-        pinned_rows = sum(e.rows for e in pinned)
-        if pinned_rows + room > budget:
-            raise ContextTooLongError(
-                f"the voice prompts ({pinned_rows} rows) and this reply (up to {room} rows) exceed the "
-                f"context budget of {budget} positions; use a shorter text or voice prompt"
-            )
-        if pinned_rows + sum(e.rows for e in turns) + room <= budget:
-            return list(self._entries)
-        keep: list[_Entry] = []
-        total = pinned_rows
-        for e in reversed(turns):
-            if total + e.rows > (budget - room + pinned_rows) // 2:
-                break
-            keep.insert(0, e)
-            total += e.rows
-        log.info("conversation %s: trimmed %d old turns from the context", self.id, len(turns) - len(keep))
-        return pinned + keep
+    async def interrupt(self, played_ms: float | None = None, *, replies: int = 1) -> list[Event]:
+        """The listener talked over the reply: stop generating at once. played_ms (audio actually
+        played, from the start of the reply) trims the recorded reply to the frames that started
+        playing; without it, every delivered frame counts as heard. After a reply has ended,
+        trims that reply instead. replies=n: the last n replies were played back to back and
+        played_ms counts from the start of the first; each is trimmed, newest first."""
+        if played_ms is not None:
+            played_ms = check_played_ms(played_ms)
+        if isinstance(replies, bool) or not isinstance(replies, int) or replies < 1:
+            raise InputError(f"replies must be an int >= 1, got {replies!r}")
+        if self._reply is not None:
+            return self._reply._interrupt(played_ms, replies)
+        if played_ms is None:
+            return []
+        events = self._history.trim_heard(played_ms, replies)
+        self._changed(events)
+        return events
 
     async def close(self) -> None:
-        """Forget this conversation and free its cache slot."""
+        """Forget this conversation and free its cache slot (once nothing writes into it)."""
+        if self._closed:
+            return
         self._check_idle()
-        self.service._conversations.pop(self.id, None)
+        self._closed = True
+        if self.service._conversations.get(self.id) is self:
+            del self.service._conversations[self.id]
         await self.service._submit(Engine.release, self.id)
 
 
-def _chunk(text: str, words: list, frames: list, first_frame: int, final: bool) -> AudioChunk:
+_END = object()  # the reply ended or was stopped: the consumer's next read ends the iteration
+
+
+class Reply(AsyncIterator[AudioChunk]):
+    """One reply being spoken: an async iterator of AudioChunks. Leaving the loop by any road
+    (the end, break, aclose(), cancellation, an exception, interrupt()) records the reply as
+    heard and frees the conversation right then, not when the iterator is collected."""
+
+    def __init__(self, conv: Conversation, text: str, options: SpeakOptions | None, changes: dict):
+        self._conv = conv
+        self.text = text
+        self.options = options
+        self.changes = changes
+        self._context: list[Turn] | None = None  # set when the reply claims the conversation
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._started: Future | None = None  # the worker job that prefills and starts the stream
+        self._stream: Stream | None = None
+        self._pending: list[AudioFrame] = []
+        self._delivered: list[np.ndarray] = []
+        self._completed = False
+        self._heard: tuple[float | None, int] | None = None  # interrupt(played_ms, replies)
+        self._finished = False
+
+    def __aiter__(self) -> Reply:
+        return self
+
+    async def __anext__(self) -> AudioChunk:
+        if self._finished:
+            raise StopAsyncIteration
+        if self._context is None:
+            try:
+                self._context = self._conv._begin(self)
+            except BaseException:
+                self._finished = True  # refused: nothing was claimed or changed
+                raise
+        try:
+            if self._started is None:
+                await self._start()
+            chunk = await self._next_chunk()
+        except BaseException:
+            self._finish()
+            raise
+        if chunk is None:
+            self._finish()
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        self._finish()
+
+    def __del__(self) -> None:  # dropped without aclose (a `break` out of `async for`): free it now
+        if not getattr(self, "_finished", True):
+            try:
+                self._finish()
+            except Exception:  # noqa: BLE001 - never raise from a finalizer
+                log.debug("finishing a dropped reply failed", exc_info=True)
+
+    async def _start(self) -> None:
+        conv, service = self._conv, self._conv.service
+        worker = service._worker
+        if worker is None:
+            service.engine  # noqa: B018 - raises "not started"
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        options = self.options
+        sampling = Sampling(options.temperature, options.top_k, options.seed, options.max_audio_ms)
+        keyed = conv._keyed(self._context)
+
+        def on_frame(item) -> None:  # worker thread; raises if the loop is gone (the worker copes)
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def start(engine: Engine):  # a step generator: the worker interleaves its prefill chunks
+            stream = yield from engine.start_steps(conv.id, keyed, options.speaker, self.text, sampling)
+            worker.add_stream(stream, on_frame)
+            return stream
+
+        self._started = worker.submit(start, wait_for_slot=True)  # replies beyond the slots queue there
+        self._stream = await asyncio.wrap_future(self._started)
+        # The context is trimmed (if it had to be) only once the reply has started.
+        conv._changed(conv._history.keep(self._context))
+
+    async def _next_chunk(self) -> AudioChunk | None:
+        chunk_frames = self.options.chunk_frames or self._conv.service.chunk_frames
+        words = word_timings(self.text)
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is _END:
+                return None
+            if item is not None:
+                self._pending.append(item)
+            end = item is None
+            if self._pending and (len(self._pending) >= chunk_frames or end):
+                frames, self._pending = self._pending, []
+                chunk = _chunk(self.text, words, frames, len(self._delivered), final=end)
+                self._delivered.extend(chunk.codes)
+                self._stream.consumed += len(frames)
+                if end:
+                    self._completed = True
+                    self._queue.put_nowait(_END)
+                return chunk
+            if end:
+                self._completed = True
+                return None
+
+    def _interrupt(self, played_ms: float | None, replies: int) -> list[Event]:
+        self._heard = (played_ms, replies)
+        return self._finish()
+
+    def _finish(self) -> list[Event]:
+        """Record the reply as heard, free the conversation and close the stream (idempotent)."""
+        if self._finished:
+            return []
+        self._finished = True
+        if self._context is None:
+            return []  # never started: nothing to record or close
+        self._queue.put_nowait(_END)  # wakes a consumer waiting for a frame
+        conv = self._conv
+        if conv._reply is self:
+            conv._reply = None
+        played_ms, replies = self._heard if self._heard is not None else (None, 1)
+        events, reply_turn = conv._history.record_heard(
+            self.options.speaker, self.text, self._delivered, complete=self._completed, played_ms=played_ms, replies=replies
+        )
+        conv._changed(events)
+        self._close_stream(reply_turn)
+        return events
+
+    def _close_stream(self, turn: Turn | None) -> None:
+        """Stop the stream and let the cache keep the reply as recorded (thread-safe)."""
+        worker = self._conv.service._worker
+        if worker is None or self._started is None:
+            return
+        key, segment = (turn.id, turn.segment) if turn is not None else (None, None)
+
+        def finish(engine: Engine, stream: Stream) -> None:
+            worker.remove_stream(stream)
+            engine.finish(stream, key, segment)
+
+        if self._stream is not None:
+            worker.submit(finish, self._stream).add_done_callback(_log_failure)
+            return
+        # Stopped while starting: the start job stops at its next prefill chunk (or never runs);
+        # if it made its stream just before, that stream is closed as soon as it exists.
+        worker.cancel(self._started)
+
+        def close_started(future: Future) -> None:
+            if not future.cancelled() and future.exception() is None:
+                worker.submit(finish, future.result()).add_done_callback(_log_failure)
+
+        self._started.add_done_callback(close_started)
+
+
+def _chunk(text: str, words: list, frames: list[AudioFrame], first_frame: int, final: bool) -> AudioChunk:
     start_ms = first_frame * FRAME_MS
     end_ms = (first_frame + len(frames)) * FRAME_MS
     pcm = float_to_int16(np.concatenate([f.pcm for f in frames]))
     in_chunk = tuple(w for w, _, _ in words if start_ms <= w.start_ms < end_ms or (final and w.start_ms >= end_ms))
     chars = lambda ms: min(len(text), round(ms / 1000 * CHARS_PER_SECOND))  # noqa: E731
-    codes = torch.stack([f.codes for f in frames])
-    return AudioChunk(pcm, start_ms, chars(start_ms), len(text) if final else chars(end_ms), in_chunk, codes)
+    codes = as_codes(np.stack([np.asarray(f.codes) for f in frames]))
+    return AudioChunk(pcm, start_ms, chars(start_ms), len(text) if final else chars(end_ms), in_chunk, codes=codes)
 
 
 def _log_failure(future) -> None:

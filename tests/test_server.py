@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from csm_plugin.cli import build_parser
 from csm_plugin.server.config import ConfigError, ServerConfig
-from csm_plugin.server.protocol import encode_codes, history_digest
+from csm_plugin.conversation.history import History
+from csm_plugin.conversation.protocol import encode_codes
 from test_server_support import AUTH, KEY, OTHER_KEY, Stream, metric_value, poll, running_server, scrape
 
 KNOWN_CODES = {
@@ -68,17 +69,22 @@ def test_stream_protocol_round_trip(hf_checkpoint):
             assert ready["type"] == "ready" and ready["state"] == "created" and ready["turns"] == 0
             added = await c.request(type="add_segment", speaker=1, text="Hi, my parcel is late.",
                                     audio={"sample_rate": 16_000, "data": pcm16(1.0)})
-            assert added["type"] == "added" and added["turns"] == 1 and added["segment"]["codes"]["frames"] == 13
+            assert added["type"] == "added" and added["turns"] == 1
+            assert [e["op"] for e in added["events"]] == ["recorded"] and added["events"][0]["segment"]["codes"]["frames"] == 13
             headers, pcm, done = await c.reply(text="Sorry to hear that.", seed=1, max_audio_ms=480)
             assert done["reason"] == "completed" and done["error"] is None and done["turns"] == 2
             assert done["frames"] == len(pcm) == len(headers) == 6 and all(len(p) == 2 * 1920 for p in pcm)
             assert [h["start_ms"] for h in headers] == [80 * i for i in range(6)]
             session = state.sessions.get(state.keys.authenticate(AUTH["Authorization"]).key_id, "c1")
             recorded = session.conv.history[-1]
-            assert done["segment"]["codes"] == encode_codes(recorded.codes) and done["segment"]["origin"] == "agent"
+            (event,) = done["events"]
+            assert event["op"] == "recorded" and event["segment"]["codes"] == encode_codes(recorded.codes)
+            assert event["segment"]["origin"] == "agent"
             # barge-in after the reply: trimmed to the frames played, on both sides
             trimmed = await c.request(type="interrupt", played_ms=170)
-            assert trimmed["changed"] and trimmed["segment"]["codes"]["frames"] == 3 and trimmed["segment"]["text"] == "Sorry"
+            (event,) = trimmed["events"]
+            assert event["op"] == "trimmed" and event["index"] == 1
+            assert event["segment"]["codes"]["frames"] == 3 and event["segment"]["text"] == "Sorry"
             assert session.conv.history[-1].codes.shape[0] == 3
             # the same stream goes on with another turn; chunk_frames groups frames
             headers, pcm, done = await c.reply(text="Let me check.", seed=2, max_audio_ms=480, chunk_frames=2)
@@ -98,7 +104,8 @@ def test_reconnect_resumes_or_asks_for_a_restore(hf_checkpoint):
             await c.request(type="open")
             added = await c.request(type="add_segment", speaker=1, text="Hello.")
             await c.ws.close()
-            turns = [(_segment(added["segment"]), "user")]
+            segment = added["events"][0]["segment"]
+            turns = [(_segment(segment), "user")]
             # same state: resumed; a different digest: the server drops its copy and says so
             c = await Stream.connect(s, url)
             resumed = await c.request(type="open", turns=1, digest=history_digest({}, turns))
@@ -107,7 +114,7 @@ def test_reconnect_resumes_or_asks_for_a_restore(hf_checkpoint):
             c = await Stream.connect(s, url)
             stale = await c.request(type="open", turns=1, digest="0" * 32)
             assert stale["type"] == "error" and stale["code"] == "unknown_conversation"
-            restored = await c.request(type="restore", history=[added["segment"], {"speaker": 0, "text": "Hi!", "origin": "agent"}])
+            restored = await c.request(type="restore", history=[segment, {"speaker": 0, "text": "Hi!", "origin": "agent"}])
             assert restored["state"] == "restored" and restored["turns"] == 2
             # another key never sees this key's conversation
             other = await Stream.connect(s, url, headers={"Authorization": f"Bearer {OTHER_KEY}"})
@@ -121,8 +128,15 @@ def test_reconnect_resumes_or_asks_for_a_restore(hf_checkpoint):
     run(main())
 
 
+def history_digest(voices, turns) -> str:
+    history = History()
+    for segment, origin in turns:
+        history.record(segment, origin)
+    return history.digest(voices)
+
+
 def _segment(data):
-    from csm_plugin.server.protocol import segment_in
+    from csm_plugin.conversation.protocol import segment_in
 
     return segment_in(data)[0]
 
@@ -146,7 +160,7 @@ def test_limits_have_clear_errors(hf_checkpoint):
             err = await a.request(type="add_segment", speaker=1, text="hi", codes={"frames": 2, "data": base64.b64encode(b"\xff" * 128).decode()})
             assert err["code"] == "bad_message" and "below" in err["message"]
             done = await a.request(type="speak", text="Hello.", temperature=-1)
-            assert done["type"] == "done" and done["error"]["code"] == "invalid_input" and done["segment"] is None
+            assert done["type"] == "done" and done["error"]["code"] == "invalid_input" and done["events"] == []
             err = await a.request(type="restore", history=[{"speaker": 1, "text": "a"}] * 3)
             assert err["code"] == "history_too_long"
             err = await a.request(type="open", voices={"0": "nobody"})

@@ -13,7 +13,6 @@ import pytest
 
 from csm_plugin.client import RemoteBackend
 from csm_plugin.models.loading import make_test_checkpoint
-from csm_plugin.server.protocol import history_digest
 from test_server_support import (
     AUTH,
     KEY,
@@ -128,7 +127,7 @@ async def _failover(procs, nginx):
         # the surviving server holds exactly the client's history: same digest
         await backend.close()
         direct = await Stream.connect(s, other.url, "call-failover")
-        ready = await direct.request(type="open", turns=6, digest=history_digest({}, conv._turns))
+        ready = await direct.request(type="open", turns=6, digest=conv.digest())
         assert ready["type"] == "ready" and ready["state"] == "resumed" and ready["turns"] == 6
     assert "csm" not in nginx.error_log() or "[emerg]" not in nginx.error_log()
 

@@ -13,7 +13,7 @@ each of them.
 from .core import FRAME_MS, AudioFrame, Engine, Stream, parse_dtype
 from .frames import FrameGenerator, batch_bucket, feed_frame, first_codebooks, next_codebook
 from .sampling import Sampling, gumbel_noise, max_frames_for_text, noise_keys, sample_topk, top_k_bucket
-from .slots import CachedSegment, Slot, SlotPool, SlotsBusyError
+from .slots import CachedSegment, Lease, Slot, SlotPool, SlotReleasedError, SlotsBusyError
 from .worker import InferenceWorker
 
 __all__ = [
@@ -23,9 +23,11 @@ __all__ = [
     "Engine",
     "FrameGenerator",
     "InferenceWorker",
+    "Lease",
     "Sampling",
     "Slot",
     "SlotPool",
+    "SlotReleasedError",
     "SlotsBusyError",
     "Stream",
     "batch_bucket",

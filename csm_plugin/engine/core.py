@@ -4,6 +4,7 @@ conversations' context into slots (reusing the longest cached prefix) and advanc
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Generator, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ from ..models.loading import DEFAULT_MODEL, LoadedCheckpoint, load_checkpoint
 from ..prompt import Segment, audio_rows, segment_rows, text_rows
 from .frames import FrameGenerator
 from .sampling import FRAME_MS, Sampling, max_frames_for_text
-from .slots import CachedSegment, Slot, SlotPool
+from .slots import CachedSegment, Lease, Slot, SlotPool, SlotReleasedError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FRAME_MS", "AudioFrame", "Engine", "Stream", "parse_dtype"]
 
@@ -42,9 +45,11 @@ class Stream:
     h: torch.Tensor  # backbone hidden state that predicts the next frame, [1, dim]
     limit: int
     text_rows: int
+    lease: Lease | None = None  # the slot as it was when the stream started (see SlotPool)
     codes: list[torch.Tensor] = field(default_factory=list)
     fed: int = 0
     done: bool = False
+    finished: bool = False  # closed by Engine.finish
     # Flow control: frames handed out (worker thread) and taken by the listener (its thread).
     produced: int = 0
     consumed: int = 0
@@ -135,14 +140,18 @@ class Engine:
         mask = torch.cat([rows[1] for _, rows in parts])
         if position + tokens.shape[0] > self.max_positions:
             raise ContextTooLongError(f"{position + tokens.shape[0]} rows do not fit in the model's {self.max_positions} positions")
+        lease = self.slot_pool.lease(slot)
         state.busy = True
         try:
             for a in range(0, tokens.shape[0], self.prefill_chunk):
                 self.generator.prefill(slot, tokens[a : a + self.prefill_chunk], mask[a : a + self.prefill_chunk], start=position + a)
                 if a + self.prefill_chunk < tokens.shape[0]:
                     yield
-        finally:
-            state.busy = False
+        except BaseException:  # half-written rows are not recorded as cached
+            self.slot_pool.end_write(lease)
+            raise
+        if not self.slot_pool.end_write(lease):
+            raise SlotReleasedError(f"the cache slot of {owner!r} was released during its prefill")
         for key, (rows, _) in parts:
             cached.append(CachedSegment(key, position, rows.shape[0]))
             position += rows.shape[0]
@@ -169,65 +178,102 @@ class Engine:
         h = self.generator.prefill(slot, tokens, mask, start=start)[None]
         self.slots[slot].streaming = True
         self.codec_state.reset_(rows=[slot])
-        return Stream(slot, text, sampling, start, h, limit, tokens.shape[0])
+        return Stream(slot, text, sampling, start, h, limit, tokens.shape[0], lease=self.slot_pool.lease(slot))
 
     def step(self, stream: Stream) -> AudioFrame | None:
         """Generate and decode the stream's next frame; None (and done) at the end of the audio."""
-        return self.step_many([stream])[0]
+        frame = self.step_many([stream])[0]
+        if isinstance(frame, Exception):
+            raise frame
+        return frame
 
     @torch.inference_mode()
-    def step_many(self, streams: list[Stream]) -> list[AudioFrame | None]:
+    def step_many(self, streams: list[Stream]) -> list[AudioFrame | None | Exception]:
         """Advance every stream by one frame together: one batched backbone step (each stream at
         its own slot and position), one batched 31-step depth pass and one batched Mimi step.
-        Sampling noise is per stream, so each gets the codes it would get alone."""
+        Sampling noise is per stream, so each gets the codes it would get alone.
+
+        A stream's state changes only once its whole frame exists, so a failed batch leaves
+        nothing half applied (cache rows are rewritten in place, the Mimi rows it may have
+        advanced are rebuilt from the streams' codes) and is retried stream by stream: each
+        entry of the result is the stream's frame, None at its end, or the exception that made
+        that stream alone fail."""
+        try:
+            return self._step(streams)
+        except Exception as e:  # noqa: BLE001 - retried below, one stream at a time
+            if len(streams) == 1:
+                return [e]
+            log.warning("a batched frame step failed; retrying its %d streams one by one", len(streams), exc_info=True)
+        self._rebuild_codec_rows(streams)
+        results: list[AudioFrame | None | Exception] = []
+        for stream in streams:
+            try:
+                results.append(self._step([stream])[0])
+            except Exception as e:  # noqa: BLE001 - that stream fails by itself
+                results.append(e)
+        return results
+
+    def _step(self, streams: list[Stream]) -> list[AudioFrame | None]:
         g = self.generator
         feed = [s for s in streams if s.fed < len(s.codes)]
-        if feed:
+        hidden = {id(s): s.h for s in streams}
+        if feed:  # writes the fed frames' cache rows: the same rows again if this is a retry
             h = g.feed_frames(
                 torch.tensor([s.slot for s in feed]),
                 torch.stack([s.codes[-1] for s in feed]),
                 torch.tensor([s.frames_start + s.fed for s in feed]),
             )
-            for s, h_s in zip(feed, h):
-                s.h = h_s[None]
-                s.fed += 1
+            hidden.update((id(s), h_s[None]) for s, h_s in zip(feed, h))
         codes = g.sample_frames(
-            torch.cat([s.h for s in streams]),
+            torch.cat([hidden[id(s)] for s in streams]),
             [s.sampling.seed for s in streams],
             [len(s.codes) for s in streams],
             [s.sampling.temperature for s in streams],
             [s.sampling.top_k for s in streams],
         ).cpu()
-        speaking = []
-        for s, c in zip(streams, codes):
-            if not c.any():  # the end-of-audio frame
-                s.done = True
-                continue
-            s.codes.append(c)
-            s.done = len(s.codes) >= s.limit
-            speaking.append(s)
-        frames: dict[int, AudioFrame] = {}
+        speaking = [(s, c) for s, c in zip(streams, codes) if c.any()]  # all zeros: the end-of-audio frame
+        pcm = None
         if speaking:  # one batched Mimi step; a stream's decoder state is the row of its slot
-            rows = torch.tensor([s.slot for s in speaking])
-            pcm = self.codec.decode_step(torch.stack([s.codes[-1] for s in speaking])[:, :, None], self.codec_state, rows=rows)
+            rows = torch.tensor([s.slot for s, _ in speaking])
+            pcm = self.codec.decode_step(torch.stack([c for _, c in speaking])[:, :, None], self.codec_state, rows=rows)
             pcm = pcm[:, 0].float().cpu().numpy()
-            frames = {id(s): AudioFrame(s.codes[-1], pcm[i]) for i, s in enumerate(speaking)}
+        # The whole frame exists: only now does any stream change.
+        for s in feed:
+            s.h, s.fed = hidden[id(s)], s.fed + 1
+        frames: dict[int, AudioFrame] = {}
+        for i, (s, c) in enumerate(speaking):
+            s.codes.append(c)
+            frames[id(s)] = AudioFrame(c, pcm[i])
+        for s in streams:
+            s.done = id(s) not in frames or len(s.codes) >= s.limit
         return [frames.get(id(s)) for s in streams]
+
+    def _rebuild_codec_rows(self, streams: list[Stream]) -> None:
+        """Put the Mimi decoder rows of `streams` back to where their codes so far leave them
+        (a failed batched step may have advanced some); decoding in one call equals stepping."""
+        for s in streams:
+            self.codec_state.reset_(rows=[s.slot])
+            if s.codes:
+                self.codec.decode_step(torch.stack(s.codes).T[None], self.codec_state, rows=torch.tensor([s.slot]))
 
     def finish(self, stream: Stream, key: Hashable | None, segment: Segment | None) -> None:
         """Close a stream: the cache keeps `segment` (the utterance as the listener heard it: its
         first frames, perhaps fewer words) under `key`, or nothing if segment is None."""
-        stream.done = True
+        if stream.finished:
+            return
+        stream.done = stream.finished = True
+        if not self.slot_pool.end_write(stream.lease):  # released meanwhile: never touch it again
+            return
         slot = self.slots[stream.slot]
-        slot.streaming = False
-        if slot.end != stream.text_start:  # released meanwhile: the next prefill redoes it
+        if slot.end != stream.text_start:  # truncated meanwhile: the next prefill redoes it
             return
         if segment is None:
             self.truncate(stream.slot, stream.text_start)
             return
-        frames = 0 if segment.codes is None else segment.codes.shape[0]
+        frames = segment.frames
         fed = min(stream.fed, frames)
-        if frames and segment.text == stream.text and all(torch.equal(segment.codes[i], stream.codes[i]) for i in range(fed)):
+        same = fed == 0 or np.array_equal(np.asarray(segment.codes[:fed]), torch.stack(stream.codes[:fed]).numpy())
+        if frames and segment.text == stream.text and same:
             # The text rows and the first frames are in the cache already: add the rest.
             tokens, mask = audio_rows(segment.codes[fed:])
             start = stream.frames_start + fed
@@ -251,6 +297,7 @@ class Engine:
                 if frame is not None:
                     yield frame
         finally:
+            self.finish(stream, None, None)
             self.release(owner)
 
 

@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Generator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from types import GeneratorType
 
@@ -25,6 +25,7 @@ class _Job:
     future: Future
     wait_for_slot: bool
     steps: Generator | None = None  # set while a multi-step job (a chunked prefill) runs
+    cancelled: bool = False  # its caller gave up: stop it at the next step (see cancel)
 
 
 class InferenceWorker:
@@ -32,6 +33,9 @@ class InferenceWorker:
     run between frames. A job that returns a generator runs one step (one prefill chunk) per
     round, so a long prefill does not stall the replies in progress. Each round, all active
     streams advance one frame together. Results go back through futures and thread-safe callbacks.
+
+    Nothing one caller does stops the thread: a frame callback that raises (its event loop has
+    died, say) ends that stream alone, and a failed frame step fails only the streams at fault.
     """
 
     def __init__(self, engine_factory: Callable[[], Engine], name: str = "csm-inference", max_backlog_frames: int = 25):
@@ -40,8 +44,11 @@ class InferenceWorker:
         self._streams: dict[int, tuple[Stream, Callable]] = {}
         self._running: list[_Job] = []  # multi-step jobs in progress
         self._parked: list[_Job] = []  # waiting for a free cache slot
+        self._jobs_by_future: dict[int, _Job] = {}  # submitted and not settled yet (for cancel)
         self._crash: BaseException | None = None
         self._stopping = False
+        self._closed = False  # set, under _lock, once no job will ever run again
+        self._lock = threading.Lock()
         self.engine: Engine | None = None
         self.ready: Future = Future()
         self._thread = threading.Thread(target=self._run, args=(engine_factory,), name=name, daemon=True)
@@ -51,11 +58,24 @@ class InferenceWorker:
         """Run fn(engine, *args) on the worker between frames. With wait_for_slot, a job that
         finds no cache slot free waits until one is instead of failing."""
         future: Future = Future()
-        if self._crash is not None or self._stopping:
-            future.set_exception(WorkerCrashedError(f"the inference worker is not running ({self._crash or 'stopped'})"))
-            return future
-        self._jobs.put(_Job(fn, args, future, wait_for_slot))
+        with self._lock:  # the final drain takes the same lock: no job slips in after it
+            if self._closed or self._crash is not None or self._stopping:
+                future.set_exception(WorkerCrashedError(f"the inference worker is not running ({self._crash or 'stopped'})"))
+                return future
+            job = _Job(fn, args, future, wait_for_slot)
+            self._jobs_by_future[id(future)] = job
+            self._jobs.put(job)
+        future.add_done_callback(lambda f: self._jobs_by_future.pop(id(f), None))
         return future
+
+    def cancel(self, future: Future) -> None:
+        """Give up on a submitted job (thread-safe): it does not start, or, if it is a multi-step
+        job in progress, stops at its next step (its generator is closed, so its cleanup runs);
+        its future then ends cancelled. A job that already finished is left as it is."""
+        job = self._jobs_by_future.get(id(future))
+        if job is not None:
+            job.cancelled = True
+        future.cancel()
 
     def add_stream(self, stream: Stream, on_frame: Callable[[AudioFrame | None | BaseException], None]) -> None:
         """Worker-side only (call from a submitted job): on_frame gets each frame, then None at
@@ -80,6 +100,8 @@ class InferenceWorker:
         except BaseException as e:  # noqa: BLE001 - reported through the future
             self._crash = e
             self.ready.set_exception(e)
+            with self._lock:
+                self._closed = True
             return
         self.ready.set_result(self.engine)
         try:
@@ -105,9 +127,11 @@ class InferenceWorker:
             self._crash = e
         finally:
             error = WorkerCrashedError(f"the inference worker stopped ({self._crash or 'closed'})")
-            for stream, on_frame in self._streams.values():
-                on_frame(error)
+            for stream, on_frame in list(self._streams.values()):
+                self._deliver(stream, on_frame, error)
             self._streams.clear()
+            with self._lock:  # after this, submit() refuses: every job is settled here or there
+                self._closed = True
             pending = self._running + self._parked
             while True:
                 try:
@@ -136,7 +160,11 @@ class InferenceWorker:
     def _advance(self, job: _Job) -> None:
         """Start a job or run its next step; settle its future when it ends."""
         try:
-            if job.steps is None:
+            if job.cancelled:
+                if job.steps is not None:
+                    job.steps.close()  # its cleanup (finally / except) runs now
+                job.future.set_exception(CancelledError())
+            elif job.steps is None:
                 result = job.fn(self.engine, *job.args)
                 if not isinstance(result, GeneratorType):
                     job.future.set_result(result)
@@ -144,8 +172,9 @@ class InferenceWorker:
                 job.steps = result  # its steps run one per round, from the next round on
                 self._running.append(job)
                 return
-            next(job.steps)
-            return
+            else:
+                next(job.steps)
+                return
         except StopIteration as done:
             job.future.set_result(done.value)
         except SlotsBusyError as e:
@@ -159,30 +188,49 @@ class InferenceWorker:
         if job in self._running:
             self._running.remove(job)
 
+    def _deliver(self, stream: Stream, on_frame: Callable, item) -> bool:
+        """Hand a frame (None at the end, or an error) to the stream's consumer. A consumer that
+        cannot take it (its event loop is closed, its callback raises) loses its stream, which
+        is closed on the engine; nobody else notices."""
+        try:
+            on_frame(item)
+            return True
+        except Exception:  # noqa: BLE001 - the consumer's failure is its own
+            log.warning("a stream's consumer is gone; closing that stream", exc_info=True)
+            self._streams.pop(id(stream), None)
+            if self.engine is not None:
+                try:
+                    self.engine.finish(stream, None, None)
+                except Exception:  # noqa: BLE001
+                    log.exception("closing an orphaned stream failed")
+            return False
+
     def _step_streams(self, active: list[tuple[Stream, Callable]]) -> None:
-        """One frame for every active stream, batched; if the batch fails, each stream alone, so
-        one bad stream fails by itself and the others go on."""
+        """One frame for every active stream, batched (the engine retries a failed batch stream
+        by stream; a stream that fails alone ends with an EngineError, the others go on)."""
         if not active:
             return
         try:
             results = self.engine.step_many([stream for stream, _ in active])
-        except Exception:  # noqa: BLE001 - isolate the failing stream below
+        except Exception:  # noqa: BLE001 - step_many isolates streams itself; this guards the thread
+            log.exception("a frame step failed outside the engine's own retry")
             results = []
-            for stream, on_frame in active:
+            for stream, _ in active:
                 try:
-                    results.append(self.engine.step_many([stream])[0])
-                except Exception as e:  # noqa: BLE001 - that stream fails, the worker goes on
-                    log.exception("generation failed")
-                    stream.done = True
-                    self._streams.pop(id(stream), None)
-                    on_frame(EngineError(f"generation failed: {e}"))
+                    results.extend(self.engine.step_many([stream]))
+                except Exception as e:  # noqa: BLE001
                     results.append(e)
         for (stream, on_frame), frame in zip(active, results):
             if isinstance(frame, Exception):
+                log.error("generation failed for one stream", exc_info=frame)
+                self._streams.pop(id(stream), None)
+                if self._deliver(stream, on_frame, EngineError(f"generation failed: {frame}")):
+                    self.engine.finish(stream, None, None)
                 continue
             if frame is not None:
                 stream.produced += 1
-                on_frame(frame)
+                if not self._deliver(stream, on_frame, frame):
+                    continue
             if stream.done:
                 self._streams.pop(id(stream), None)
-                on_frame(None)
+                self._deliver(stream, on_frame, None)

@@ -13,13 +13,7 @@ import wave
 import numpy as np
 from aiohttp import web
 
-from ..audio import SAMPLE_RATE
-from ..engine import FRAME_MS, max_frames_for_text
-from ..errors import CSMError
-from ..prompt import Segment
-from .app import STATE, ServerState
-from .auth import Principal
-from .protocol import (
+from ..conversation.protocol import (
     PROTOCOL_VERSION,
     Code,
     ProtocolError,
@@ -30,6 +24,11 @@ from .protocol import (
     describe_validation_error,
     error_code,
 )
+from ..conversation.types import FRAME_MS, SAMPLE_RATE, Segment
+from ..engine import max_frames_for_text
+from ..errors import CSMError
+from .app import STATE, ServerState
+from .auth import Principal
 from .sessions import add_turn, worker_alive
 
 log = logging.getLogger(__name__)
@@ -189,14 +188,7 @@ async def speech(request: web.Request) -> web.Response:
         for segment, origin, audio in context:
             await add_turn(conv, segment, origin, audio)
         pcm = []
-        async for chunk in conv.speak(
-            req.text,
-            speaker=req.speaker,
-            temperature=req.temperature,
-            top_k=req.top_k,
-            seed=req.seed,
-            max_audio_ms=reply_ms(state, req.text, req.max_audio_ms),
-        ):
+        async for chunk in conv.speak(req.text, req.options, max_audio_ms=reply_ms(state, req.text, req.options.max_audio_ms)):
             if not pcm:
                 state.metrics.time_to_first_audio.observe(time.perf_counter() - start)
             pcm.append(chunk.pcm)

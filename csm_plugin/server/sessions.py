@@ -13,9 +13,9 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from ..prompt import Segment
+from ..conversation.history import Event
+from ..conversation.types import Segment, Turn
 from ..service import Conversation, CSMService
-from .protocol import history_digest
 
 if TYPE_CHECKING:
     from .stream import Connection
@@ -25,13 +25,8 @@ log = logging.getLogger(__name__)
 
 # --- conversation views ------------------------------------------------------------------------
 
-def conversation_turns(conv: Conversation) -> list[tuple[Segment, str]]:
-    """(segment, origin) of every turn that is not a pinned voice prompt, oldest first."""
-    return [(t.segment, t.origin) for t in conv.turns if t.origin != "voice"]
-
-
 def voice_segments(conv: Conversation) -> list[Segment]:
-    return [t.segment for t in conv.turns if t.origin == "voice"]
+    return [t.segment for t in conv.turns if t.pinned]
 
 
 async def add_turn(conv: Conversation, segment: Segment, origin: str, audio: tuple | None = None) -> None:
@@ -57,12 +52,20 @@ class Session:
         self.voices = voices
         self.connection: Connection | None = None
         self.last_used = time.monotonic()
+        self._events: list[Event] = []  # history changes not yet sent to the client
+        conv.subscribe(self._events.extend)
 
-    def turns(self) -> list[tuple[Segment, str]]:
-        return conversation_turns(self.conv)
+    def turns(self) -> list[Turn]:
+        """The turns that are not pinned voice prompts, oldest first."""
+        return [t for t in self.conv.turns if not t.pinned]
 
     def digest(self) -> str:
-        return history_digest(self.voices, self.turns())
+        return self.conv.digest(self.voices)
+
+    def take_events(self) -> list[Event]:
+        """The history's changes since the last call, oldest first (sent to the client in order)."""
+        events, self._events[:] = list(self._events), []
+        return events
 
 
 class Sessions:

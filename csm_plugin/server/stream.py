@@ -16,14 +16,8 @@ import time
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..audio import SAMPLE_RATE
-from ..engine import FRAME_MS
-from ..errors import CSMError
-from ..service import AudioChunk
-from .app import STATE, ServerState
-from .auth import Principal
-from .protocol import (
-    CONVERSATION_ID,
+from ..conversation.protocol import (
+    CONVERSATION_ID_RULE,
     AddSegment,
     Close,
     Code,
@@ -33,14 +27,20 @@ from .protocol import (
     Restore,
     SegmentIn,
     Speak,
+    chunk_header,
     dumps,
-    encode_codes,
     error_code,
+    events_out,
     parse_client_message,
     parse_voices,
     request_id,
     segment_out,
+    valid_conversation_id,
 )
+from ..conversation.types import FRAME_MS, AudioChunk
+from ..errors import CSMError
+from .app import STATE, ServerState
+from .auth import Principal
 from .routes import authenticate, check_ready, check_text, error_response, reply_ms, segment_from_wire
 from .sessions import Session, add_turn, voice_segments
 
@@ -57,8 +57,8 @@ async def conversation_stream(request: web.Request) -> web.StreamResponse:
     try:
         principal = authenticate(request)
         conversation_id = request.match_info["conversation_id"]
-        if not CONVERSATION_ID.match(conversation_id):
-            raise ProtocolError(Code.BAD_MESSAGE, "a conversation id is 1-128 characters of A-Z a-z 0-9 . _ : -")
+        if not valid_conversation_id(conversation_id):
+            raise ProtocolError(Code.BAD_MESSAGE, CONVERSATION_ID_RULE)
         check_ready(state)
         if len(state.connections) >= state.limits.max_connections:
             raise ProtocolError(Code.TOO_MANY_CONNECTIONS, "the server has too many open streams; try another replica")
@@ -92,7 +92,7 @@ class Connection:
         self.session: Session | None = None
         self.speak_task: asyncio.Task | None = None
         self.generating = False  # from a speak request until its audio ends
-        self.pending_interrupt: tuple[float | None] | None = None
+        self.pending_interrupt: tuple[float | None, int] | None = None
         self.interrupted = False
         self._send_lock = asyncio.Lock()
 
@@ -213,6 +213,7 @@ class Connection:
             await other.supersede()
         session.connection = self
         self.session = session
+        session.take_events()  # the client has this state already (a match or a restore)
         self.state.sessions.touch(session)
 
     async def _forget(self, session: Session) -> None:
@@ -279,30 +280,21 @@ class Connection:
         item = SegmentIn.model_construct(speaker=message.speaker, text=message.text, codes=message.codes, audio=message.audio)
         segment, _, audio = segment_from_wire(state, item, allow_audio=True)
         await add_turn(self.session.conv, segment, "user", audio)
-        turns = self.session.turns()
-        await self.send({"type": "added", "re": message.id, "segment": segment_out(*turns[-1]), "turns": len(turns)})
+        await self.send({"type": "added", "re": message.id, "turns": len(self.session.turns())}, events=True)
 
     async def interrupt(self, message: Interrupt) -> None:
         conv = self.session.conv
         if self.generating:
             self.interrupted = True
             if conv.speaking:
-                await conv.interrupt(message.played_ms)
+                await conv.interrupt(message.played_ms, replies=message.replies)
             else:  # the reply has not started: stop it at its first frame
-                self.pending_interrupt = (message.played_ms,)
-            await self.send({"type": "interrupted", "re": message.id, "speaking": True, "changed": False, "segment": None})
+                self.pending_interrupt = (message.played_ms, message.replies)
+            await self.send({"type": "interrupted", "re": message.id, "speaking": True}, events=True)
             return
         await self.settle()  # a reply that just ended: its `done` goes out first
-        before = conv.history
-        if before and before[-1].codes is None:  # nothing to trim (a text-only turn)
-            await self.send({"type": "interrupted", "re": message.id, "speaking": False, "changed": False, "segment": None})
-            return
-        await conv.interrupt(message.played_ms)
-        after = conv.history
-        changed = bool(before) and (len(after) != len(before) or after[-1] is not before[-1])
-        replaced = changed and len(after) == len(before)
-        await self.send({"type": "interrupted", "re": message.id, "speaking": False, "changed": changed,
-                         "segment": segment_out(after[-1], "agent") if replaced else None})
+        await conv.interrupt(message.played_ms, replies=message.replies)
+        await self.send({"type": "interrupted", "re": message.id, "speaking": False}, events=True)
 
     def speak(self, message: Speak) -> None:
         state = self.state
@@ -321,21 +313,13 @@ class Connection:
 
     async def _reply(self, message: Speak, session: Session) -> None:
         state, metrics, conv = self.state, self.state.metrics, session.conv
-        before = conv.history  # keeps the objects alive: identity tells the new reply apart
         start = time.perf_counter()
         first = last = None
         frames = 0
         outcome, error = "completed", None
         try:
-            stream = conv.speak(
-                message.text,
-                speaker=message.speaker,
-                temperature=message.temperature,
-                top_k=message.top_k,
-                seed=message.seed,
-                max_audio_ms=reply_ms(state, message.text, message.max_audio_ms),
-                chunk_frames=message.chunk_frames,
-            )
+            options = message.options
+            stream = conv.speak(message.text, options, max_audio_ms=reply_ms(state, message.text, options.max_audio_ms))
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
                     now = time.perf_counter()
@@ -348,8 +332,8 @@ class Connection:
                     await self.send_chunk(message.id, chunk)
                     frames += chunk.num_frames
                     if self.pending_interrupt is not None:
-                        (played_ms,), self.pending_interrupt = self.pending_interrupt, None
-                        await conv.interrupt(played_ms)
+                        (played_ms, replies), self.pending_interrupt = self.pending_interrupt, None
+                        await conv.interrupt(played_ms, replies=replies)
             if self.interrupted:
                 outcome = "interrupted"
         except asyncio.CancelledError:
@@ -376,26 +360,27 @@ class Connection:
                 metrics.audio_seconds.inc(seconds)
                 metrics.real_time_factor.observe((time.perf_counter() - start) / seconds)
         if outcome in ("completed", "interrupted", "error"):
-            await self._done(message.id, before, conv, outcome, error, frames)
+            await self._done(message.id, outcome, error, frames)
 
-    async def _done(self, rid, before, conv, outcome: str, error: BaseException | None, frames: int) -> None:
+    async def _done(self, rid, outcome: str, error: BaseException | None, frames: int) -> None:
         if error is not None:
             code = error_code(error)
             self.state.metrics.errors.labels(code).inc()
             error = {"code": code, "message": str(error) if code != Code.INTERNAL else "internal server error"}
-        async with self._send_lock:  # the history is read and sent with nothing in between
-            history = conv.history
-            recorded = history[-1] if history and all(history[-1] is not s for s in before) else None
-            turns = len(self.session.turns()) if self.session is not None else 0
-            payload = {"type": "done", "re": rid, "reason": outcome, "frames": frames, "turns": turns,
-                       "segment": segment_out(recorded, "agent") if recorded is not None else None, "error": error}
-            with contextlib.suppress(ConnectionError):
-                await self.ws.send_str(dumps(payload))
+        turns = len(self.session.turns()) if self.session is not None else 0
+        payload = {"type": "done", "re": rid, "reason": outcome, "frames": frames, "turns": turns, "error": error}
+        with contextlib.suppress(ConnectionError):
+            await self.send(payload, events=True)
 
     # --- sending -------------------------------------------------------------------------
 
-    async def send(self, payload: dict) -> None:
+    async def send(self, payload: dict, events: bool = False) -> None:
+        """Send a message; events: with the history's changes since the last such message, taken
+        under the send lock so that the client applies them in the order they happened."""
         async with self._send_lock:
+            if events:
+                session = self.session
+                payload["events"] = events_out(session.take_events()) if session is not None else []
             await self.ws.send_str(dumps(payload))
 
     async def send_error(self, rid: int | None, code: str, message: str) -> None:
@@ -406,19 +391,7 @@ class Connection:
     async def send_chunk(self, rid: int | None, chunk: AudioChunk) -> None:
         """The chunk's header, then its PCM. A reader that takes nothing for send_timeout_s is
         dropped (backpressure: until then, sending waits for the socket to drain)."""
-        header = {
-            "type": "chunk",
-            "re": rid,
-            "start_ms": chunk.start_ms,
-            "text_start": chunk.text_start,
-            "text_end": chunk.text_end,
-            "words": [[w.text, w.start_ms] for w in chunk.words],
-            "samples": len(chunk.pcm),
-            "sample_rate": SAMPLE_RATE,
-        }
-        codes = chunk.codes
-        if codes is not None:
-            header["codes"] = encode_codes(codes)
+        header = chunk_header(rid, chunk)
         async with self._send_lock:
             try:
                 await asyncio.wait_for(self._send_pair(dumps(header), chunk.data), self.state.limits.send_timeout_s)

@@ -45,6 +45,7 @@ from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
+from csm_plugin.conversation.options import FIELDS as SPEAK_FIELDS, SpeakOptions  # torch-free
 from csm_plugin.errors import CSMError
 
 MODEL_RATE = 24_000  # CSM / Mimi output rate
@@ -354,12 +355,13 @@ class CSMTTSService(TTSService):
         s = self._settings
         seed = None if s.seed is None else s.seed + self._replies
         self._replies += 1
+        options = SpeakOptions.build(None, **{name: getattr(s, name) for name in SPEAK_FIELDS - {"seed"} if hasattr(s, name)}, seed=seed)
         playout = self._playouts.setdefault(context_id, _Playout())
         utterance = _Utterance(offset_ms=sum(u.ms for u in playout.utterances))
         playout.utterances.append(utterance)
         out_rate = self.sample_rate
         resampler = None if out_rate == MODEL_RATE else soxr.ResampleStream(MODEL_RATE, out_rate, 1, dtype="int16", quality="HQ")
-        speech = conv.speak(text, speaker=s.speaker, temperature=s.temperature, top_k=s.top_k, seed=seed, max_audio_ms=s.max_audio_ms)
+        speech = conv.speak(text, options)
         self._speech = speech
         try:
             async for chunk in speech:
@@ -410,16 +412,14 @@ class CSMTTSService(TTSService):
         for context_id, playout in list(self._playouts.items()):
             if conv is None or not playout.interruptible:
                 continue
-            played = playout.played_ms(now, self._paced)
-            for u in reversed(playout.utterances):
-                if u.trimmed or u.ms == 0:
-                    continue
-                if played >= u.offset_ms + u.ms:
-                    break  # heard in full, and so was everything before it
-                if conv.speaking:  # a new (uninterruptible) reply began; leave the history alone
-                    break
-                await conv.interrupt(max(0.0, played - u.offset_ms))
-                u.trimmed = True
+            # Its utterances are the last history segments, played back to back: the history
+            # trims them newest first, each to what started playing.
+            spoken = [u for u in playout.utterances if u.ms > 0 and not u.trimmed]
+            if spoken and not conv.speaking:  # a new (uninterruptible) reply began: leave the history alone
+                played = playout.played_ms(now, self._paced)
+                await conv.interrupt(max(0.0, played - spoken[0].offset_ms), replies=len(spoken))
+                for u in spoken:
+                    u.trimmed = True
             del self._playouts[context_id]
 
     async def on_audio_context_completed(self, context_id: str):

@@ -39,6 +39,8 @@ from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils import is_given
 from livekit.agents.voice import io
 
+from csm_plugin.conversation.options import SpeakOptions  # torch-free
+
 from .log import logger
 from .models import NUM_CHANNELS, SAMPLE_RATE, DTypes, TTSModels, VoicePrompt
 
@@ -53,12 +55,12 @@ _USER_AUDIO_KEEP_S = 120.0
 
 @dataclass
 class _TTSOptions:
-    speaker: int
+    speak: SpeakOptions  # how each sentence is spoken (its speaker is the agent)
     user_speaker: int
-    temperature: float
-    top_k: int
-    seed: int | None
-    max_audio_ms: float | None
+
+    @property
+    def speaker(self) -> int:
+        return self.speak.speaker
 
 
 @dataclass
@@ -126,7 +128,7 @@ class TTS(tts.TTS):
         self._device = device
         self._dtype = dtype
         self._service_options = dict(service_options or {})
-        self._opts = _TTSOptions(speaker, user_speaker, temperature, top_k, seed, max_audio_ms)
+        self._opts = _TTSOptions(SpeakOptions(speaker, temperature, top_k, seed, max_audio_ms, chunk_frames=1), user_speaker)
         self._voice = voice
         self._conversation_id = conversation_id or utils.shortuuid("csm_")
         self._follow_session = follow_session
@@ -181,15 +183,11 @@ class TTS(tts.TTS):
         seed: NotGivenOr[int | None] = NOT_GIVEN,
         max_audio_ms: NotGivenOr[float | None] = NOT_GIVEN,
     ) -> None:
-        for name, value in (
-            ("speaker", speaker),
-            ("temperature", temperature),
-            ("top_k", top_k),
-            ("seed", seed),
-            ("max_audio_ms", max_audio_ms),
-        ):
-            if is_given(value):
-                setattr(self._opts, name, value)
+        changes = dict(speaker=speaker, temperature=temperature, top_k=top_k, seed=seed, max_audio_ms=max_audio_ms)
+        given = {name: value for name, value in changes.items() if is_given(value)}
+        if given.get("speaker", self._opts.speaker) == self._opts.user_speaker:
+            raise ValueError("speaker and user_speaker must differ")
+        self._opts.speak = SpeakOptions.build(self._opts.speak, **given)
 
     def synthesize(
         self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
@@ -332,13 +330,11 @@ class TTS(tts.TTS):
                 await conv.add_segment(speaker, text)
 
     async def _trim(self, conv: ConversationHandle, speech: _Speech, played_ms: float) -> None:
-        if len(conv.history) != speech.history_len:
+        if len(conv.history) != speech.history_len or not speech.frames:
             return  # something was recorded after it: the reply is no longer the last segment
-        for i in reversed(range(len(speech.frames))):
-            heard_ms = max(0.0, played_ms - sum(speech.frames[:i]) * FRAME_MS)
-            if heard_ms >= speech.frames[i] * FRAME_MS:
-                break
-            await conv.interrupt(heard_ms)  # trims (or, when nothing of it was heard, drops) the last segment
+        # Its sentences are the last history segments, played back to back: the history trims
+        # them newest first, each to what started playing.
+        await conv.interrupt(played_ms, replies=len(speech.frames))
 
     def _new_session_turns(self) -> list[tuple[int, str, np.ndarray | None, int | None]]:
         session = self._session
@@ -442,16 +438,7 @@ class TTS(tts.TTS):
     async def _speak_sentence(
         self, conv: ConversationHandle, text: str, emitter: tts.AudioEmitter, speech: _Speech, timeout: float
     ) -> None:
-        o = self._opts
-        chunks = conv.speak(
-            text,
-            speaker=o.speaker,
-            temperature=o.temperature,
-            top_k=o.top_k,
-            seed=o.seed,
-            max_audio_ms=o.max_audio_ms,
-            chunk_frames=1,
-        ).__aiter__()
+        chunks = conv.speak(text, self._opts.speak).__aiter__()
         frames = 0
         try:
             try:

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
 from ..errors import AudioError, ContextTooLongError, ConversationBusyError, CSMError, EngineError, InputError
-from ..prompt import NUM_CODEBOOKS, Segment
+from .history import Dropped, Event, Recorded, Removed, Trimmed
+from .options import SpeakOptions
+from .types import AUDIO_VOCAB, NUM_CODEBOOKS, SAMPLE_RATE, AudioChunk, Origin, Segment, Word, as_codes
 
 PROTOCOL_VERSION = 1
-AUDIO_VOCAB = 2051  # CSM's code ids: Mimi's 2048 and 3 the model may emit (the codec clamps them)
-CONVERSATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_CONVERSATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+CONVERSATION_ID_RULE = "a conversation id is 1-128 characters of A-Z a-z 0-9 . _ : - (starting with a letter or digit)"
+
+
+def valid_conversation_id(value: object) -> bool:
+    return isinstance(value, str) and _CONVERSATION_ID.fullmatch(value) is not None
 
 
 # --- error codes -------------------------------------------------------------------------------
@@ -101,7 +105,6 @@ class AudioIn(_Strict):
 
 MAX_SPEAKER = 9999
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
-MAX_SEED = 2**62
 
 
 class SegmentIn(_Strict):
@@ -138,22 +141,35 @@ class AddSegment(_Strict):
     codes: CodesIn | None = None
 
 
-class Speak(_Strict):
+class _SpeakRequest(_Strict):
+    """A request whose fields besides its own are SpeakOptions' fields, validated there."""
+
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+    _options: SpeakOptions = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _speak_options(self):
+        self._options = SpeakOptions.from_wire(self.model_extra or {})
+        if self._options.speaker > MAX_SPEAKER:
+            raise InputError(f"speaker must be at most {MAX_SPEAKER}")
+        return self
+
+    @property
+    def options(self) -> SpeakOptions:
+        return self._options
+
+
+class Speak(_SpeakRequest):
     type: Literal["speak"]
     id: int | None = None
     text: str
-    speaker: int = Field(0, ge=0, le=MAX_SPEAKER)
-    temperature: float = 0.9
-    top_k: int = 50
-    seed: int | None = Field(None, ge=-MAX_SEED, le=MAX_SEED)
-    max_audio_ms: float | None = None
-    chunk_frames: int | None = Field(None, ge=1, le=50)
 
 
 class Interrupt(_Strict):
     type: Literal["interrupt"]
     id: int | None = None
     played_ms: float | None = Field(None, ge=0)
+    replies: int = Field(1, ge=1, le=64)  # the last n replies, played back to back (see History.trim_heard)
 
 
 class Close(_Strict):
@@ -165,15 +181,10 @@ ClientMessage = Annotated[Open | Restore | AddSegment | Speak | Interrupt | Clos
 _client_message = TypeAdapter(ClientMessage)
 
 
-class SpeechRequest(_Strict):
+class SpeechRequest(_SpeakRequest):
     """POST /v1/speech: one reply as a WAV file, after an optional context."""
 
     text: str
-    speaker: int = Field(0, ge=0, le=MAX_SPEAKER)
-    temperature: float = 0.9
-    top_k: int = 50
-    seed: int | None = Field(None, ge=-MAX_SEED, le=MAX_SEED)
-    max_audio_ms: float | None = None
     context: list[SegmentIn] = Field(default_factory=list)
 
 
@@ -183,6 +194,8 @@ def parse_client_message(raw: str | bytes) -> Open | Restore | AddSegment | Spea
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(Code.BAD_MESSAGE, f"not JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError(Code.BAD_MESSAGE, "not JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ProtocolError(Code.BAD_MESSAGE, "a message must be a JSON object")
     try:
@@ -220,16 +233,17 @@ def parse_voices(voices: Mapping[str, str]) -> dict[int, str]:
 
 # --- codes and audio ---------------------------------------------------------------------------
 
-def encode_codes(codes: torch.Tensor | None) -> dict[str, Any] | None:
+def encode_codes(codes: np.ndarray | None) -> dict[str, Any] | None:
     if codes is None:
         return None
-    array = codes.to(torch.int32).cpu().numpy().astype("<u2")
-    return {"frames": int(codes.shape[0]), "data": base64.b64encode(array.tobytes()).decode("ascii")}
+    array = np.ascontiguousarray(as_codes(codes), dtype="<u2")
+    return {"frames": int(array.shape[0]), "data": base64.b64encode(array.tobytes()).decode("ascii")}
 
 
 def decode_codes(
     codes: CodesIn | Mapping[str, Any] | None, max_frames: int | None = None, vocab: int = AUDIO_VOCAB
-) -> torch.Tensor | None:
+) -> np.ndarray | None:
+    """Codes from the wire -> a read-only uint16 array [frames, 32]."""
     if codes is None:
         return None
     frames, data = (codes.frames, codes.data) if isinstance(codes, CodesIn) else (codes["frames"], codes["data"])
@@ -238,10 +252,10 @@ def decode_codes(
     raw = _b64(data, "codes")
     if len(raw) != frames * NUM_CODEBOOKS * 2:
         raise ProtocolError(Code.BAD_MESSAGE, f"codes: expected {frames} x {NUM_CODEBOOKS} uint16 values, got {len(raw)} bytes")
-    values = np.frombuffer(raw, dtype="<u2").astype(np.int64)
+    values = np.frombuffer(raw, dtype="<u2")
     if values.size and values.max() >= vocab:
         raise ProtocolError(Code.BAD_MESSAGE, f"codes must be below {vocab}")
-    return torch.from_numpy(values.reshape(frames, NUM_CODEBOOKS).copy())
+    return as_codes(values.reshape(frames, NUM_CODEBOOKS))
 
 
 def decode_audio(audio: AudioIn, max_seconds: float) -> tuple[np.ndarray, int]:
@@ -276,26 +290,71 @@ def _b64(data: str, what: str) -> bytes:
         raise ProtocolError(Code.BAD_MESSAGE, f"{what}: data is not valid base64") from None
 
 
-def segment_out(segment: Segment, origin: str) -> dict[str, Any]:
+def segment_out(segment: Segment, origin: Origin) -> dict[str, Any]:
     return {"speaker": segment.speaker, "text": segment.text, "origin": origin, "codes": encode_codes(segment.codes)}
 
 
-def segment_in(data: Mapping[str, Any]) -> tuple[Segment, str]:
+def segment_in(data: Mapping[str, Any]) -> tuple[Segment, Origin]:
     """A segment as the server sent it -> (Segment, origin)."""
     return Segment(data["speaker"], data["text"], decode_codes(data.get("codes"))), data.get("origin", "user")
 
 
-def history_digest(voices: Mapping[int, str], turns: Sequence[tuple[Segment, str]]) -> str:
-    """A fingerprint of a conversation's state: voices plus every turn (speaker, text, origin,
-    codes). Client and server compare it to find out whether the server's copy is current."""
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted((int(k), v) for k, v in voices.items())).encode())
-    for segment, origin in turns:
-        frames = -1 if segment.codes is None else segment.codes.shape[0]
-        h.update(json.dumps([segment.speaker, segment.text, origin, frames]).encode())
-        if segment.codes is not None:
-            h.update(segment.codes.to(torch.int32).cpu().numpy().astype("<u2").tobytes())
-    return h.hexdigest()[:32]
+# --- history events: the server's History changes, applied by the client's -------------------
+
+def events_out(events: list[Event]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for e in events:
+        if isinstance(e, Recorded):
+            out.append({"op": "recorded", "segment": segment_out(e.segment, e.origin)})
+        elif isinstance(e, Trimmed):
+            out.append({"op": "trimmed", "index": e.index, "segment": segment_out(e.segment, "agent")})
+        elif isinstance(e, Removed):
+            out.append({"op": "removed", "index": e.index})
+        elif isinstance(e, Dropped):
+            out.append({"op": "dropped", "count": e.count})
+    return out
+
+
+def events_in(data: list[Mapping[str, Any]]) -> list[Event]:
+    events: list[Event] = []
+    for item in data:
+        op = item.get("op")
+        if op == "recorded":
+            events.append(Recorded(*segment_in(item["segment"])))
+        elif op == "trimmed":
+            events.append(Trimmed(int(item["index"]), segment_in(item["segment"])[0]))
+        elif op == "removed":
+            events.append(Removed(int(item["index"])))
+        elif op == "dropped":
+            events.append(Dropped(int(item["count"])))
+        else:
+            raise ProtocolError(Code.BAD_MESSAGE, f"unknown history event {op!r}")
+    return events
+
+
+# --- audio chunks: a JSON header, then its PCM as one binary message ----------------------------
+
+def chunk_header(rid: int | None, chunk: AudioChunk) -> dict[str, Any]:
+    return {
+        "type": "chunk",
+        "re": rid,
+        "start_ms": chunk.start_ms,
+        "text_start": chunk.text_start,
+        "text_end": chunk.text_end,
+        "words": [[w.text, w.start_ms] for w in chunk.words],
+        "samples": len(chunk.pcm),
+        "sample_rate": chunk.sample_rate,
+        "codes": encode_codes(chunk.codes),
+    }
+
+
+def chunk_in(header: Mapping[str, Any], data: bytes) -> AudioChunk:
+    pcm = np.frombuffer(data, dtype="<i2").astype(np.int16)
+    words = tuple(Word(text, start) for text, start in header.get("words", []))
+    return AudioChunk(
+        pcm, header["start_ms"], header["text_start"], header["text_end"], words,
+        codes=decode_codes(header.get("codes")), sample_rate=header.get("sample_rate", SAMPLE_RATE),
+    )
 
 
 def dumps(message: Mapping[str, Any]) -> str:
