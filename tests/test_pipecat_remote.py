@@ -3,6 +3,7 @@ and an in-process csm-plugin server on loopback."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
