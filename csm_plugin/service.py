@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
 
@@ -200,7 +201,8 @@ class Conversation:
         self.id = conversation_id
         self._context_budget = context_budget
         self._history = History(voices, rows=service._rows, budget=self.context_budget)
-        self._reply: Reply | None = None
+        # weak: a reply dropped by its reader (a `break`) must be collectable, so that it finishes
+        self._reply_ref: Callable[[], Reply | None] = lambda: None
         self._listeners: list[Callable[[list[Event]], None]] = []
         self._closed = False
 
@@ -219,7 +221,7 @@ class Conversation:
 
     @property
     def speaking(self) -> bool:
-        return self._reply is not None
+        return self._reply_ref() is not None
 
     @property
     def context_budget(self) -> int:
@@ -242,7 +244,7 @@ class Conversation:
     def _check_idle(self) -> None:
         if self._closed:
             raise CSMError(f"conversation {self.id!r} is closed; get a new one from service.conversation()")
-        if self._reply is not None:
+        if self._reply_ref() is not None:
             raise ConversationBusyError(
                 f"conversation {self.id!r} is speaking; wait for the reply to end or interrupt() it first"
             )
@@ -305,7 +307,7 @@ class Conversation:
         self._check_idle()
         room = tokens + max_frames_for_text(reply.text, options.max_audio_ms) + 1
         context = self._history.context_for(room, self.context_budget)  # ContextTooLongError leaves us idle
-        self._reply = reply
+        self._reply_ref = weakref.ref(reply)
         return context
 
     async def interrupt(self, played_ms: float | None = None, *, replies: int = 1) -> list[Event]:
@@ -318,8 +320,9 @@ class Conversation:
             played_ms = check_played_ms(played_ms)
         if isinstance(replies, bool) or not isinstance(replies, int) or replies < 1:
             raise InputError(f"replies must be an int >= 1, got {replies!r}")
-        if self._reply is not None:
-            return self._reply._interrupt(played_ms, replies)
+        reply = self._reply_ref()
+        if reply is not None:
+            return reply._interrupt(played_ms, replies)
         if played_ms is None:
             return []
         events = self._history.trim_heard(played_ms, replies)
@@ -408,8 +411,10 @@ class Reply(AsyncIterator[AudioChunk]):
         def on_frame(item) -> None:  # worker thread; raises if the loop is gone (the worker copes)
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
+        text = self.text  # the closures below must not hold the Reply (a dropped reply is finished when collected)
+
         def start(engine: Engine):  # a step generator: the worker interleaves its prefill chunks
-            stream = yield from engine.start_steps(conv.id, keyed, options.speaker, self.text, sampling)
+            stream = yield from engine.start_steps(conv.id, keyed, options.speaker, text, sampling)
             worker.add_stream(stream, on_frame)
             return stream
 
@@ -456,8 +461,8 @@ class Reply(AsyncIterator[AudioChunk]):
             return []  # never started: nothing to record or close
         self._queue.put_nowait(_END)  # wakes a consumer waiting for a frame
         conv = self._conv
-        if conv._reply is self:
-            conv._reply = None
+        if conv._reply_ref() is self:
+            conv._reply_ref = lambda: None
         played_ms, replies = self._heard if self._heard is not None else (None, 1)
         events, reply_turn = conv._history.record_heard(
             self.options.speaker, self.text, self._delivered, complete=self._completed, played_ms=played_ms, replies=replies
