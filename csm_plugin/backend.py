@@ -7,7 +7,7 @@ Both sides implement the same small surface, so an adapter never knows which one
     await conv.add_segment(1, "user words", audio=pcm, sample_rate=16000)
     async for chunk in conv.speak("reply", speaker=0, seed=...):  # AudioChunk: int16 24 kHz
         ...
-    await conv.interrupt(played_ms)                                   # barge-in
+    await conv.interrupt(played_ms)                                   # barge-in (replies=n: the last n)
     await conv.close()
 """
 
@@ -21,8 +21,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .models.loading import DEFAULT_MODEL
-from .prompt import Segment
-from .service import AudioChunk, CSMService
+from .conversation.history import Event
+from .conversation.options import SpeakOptions
+from .conversation.types import AudioChunk, Segment, Turn
+from .service import CSMService
 
 
 @runtime_checkable
@@ -33,25 +35,18 @@ class ConversationHandle(Protocol):
     def history(self) -> list[Segment]: ...
 
     @property
+    def turns(self) -> list[Turn]: ...
+
+    @property
     def speaking(self) -> bool: ...
 
     async def add_segment(
         self, speaker: int, text: str, audio: np.ndarray | None = None, sample_rate: int | None = None
-    ) -> None: ...
+    ) -> list[Event]: ...
 
-    def speak(
-        self,
-        text: str,
-        *,
-        speaker: int = 0,
-        temperature: float = 0.9,
-        top_k: int = 50,
-        seed: int | None = None,
-        max_audio_ms: float | None = None,
-        chunk_frames: int | None = None,
-    ) -> AsyncIterator[AudioChunk]: ...
+    def speak(self, text: str, options: SpeakOptions | None = None, **changes) -> AsyncIterator[AudioChunk]: ...
 
-    async def interrupt(self, played_ms: float | None = None) -> None: ...
+    async def interrupt(self, played_ms: float | None = None, *, replies: int = 1) -> list[Event]: ...
 
     async def close(self) -> None: ...
 

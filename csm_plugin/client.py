@@ -35,7 +35,7 @@ import aiohttp
 import numpy as np
 
 from .audio import as_mono, float_to_int16
-from .conversation.history import Event, History, check_played_ms
+from .conversation.history import Event, History, HistoryView, check_played_ms
 from .conversation.options import SpeakOptions
 from .conversation.protocol import (
     CONVERSATION_ID_RULE,
@@ -47,7 +47,7 @@ from .conversation.protocol import (
     segment_out,
     valid_conversation_id,
 )
-from .conversation.types import FRAME_MS, AudioChunk, Segment, Turn, check_speaker, check_text
+from .conversation.types import FRAME_MS, AudioChunk, Segment, check_speaker, check_text
 from .errors import AudioError, ContextTooLongError, ConversationBusyError, CSMError, EngineError, InputError
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class _Stream:
     correction: asyncio.Future | None = None  # the interrupt sent when the caller stopped early
 
 
-class RemoteConversation:
+class RemoteConversation(HistoryView):
     """ConversationHandle over one WebSocket (opened lazily, reopened when needed)."""
 
     def __init__(self, backend: RemoteBackend, conversation_id: str, voices: dict[int, str]):
@@ -311,15 +311,6 @@ class RemoteConversation:
         self._background: set[asyncio.Task] = set()
 
     # --- ConversationHandle ---------------------------------------------------------------
-
-    @property
-    def history(self) -> list[Segment]:
-        """The context the next reply is conditioned on (voice prompts once connected, then turns)."""
-        return self._history.segments
-
-    @property
-    def turns(self) -> list[Turn]:
-        return list(self._history)
 
     def digest(self) -> str:
         """The fingerprint the server compares on reconnect (see History.digest)."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .audio import as_mono, float_to_int16
-from .conversation.history import CHARS_PER_SECOND, Event, History, check_played_ms, spoken_text, word_timings
+from .conversation.history import CHARS_PER_SECOND, Event, History, HistoryView, check_played_ms, spoken_text, word_timings
 from .conversation.options import SpeakOptions
 from .conversation.types import FRAME_MS, AudioChunk, Origin, Segment, Turn, Word, as_codes, check_speaker, check_text
 from .engine import AudioFrame, Engine, InferenceWorker, Sampling, SlotsBusyError, Stream, max_frames_for_text
@@ -190,7 +190,7 @@ def _check_audio(audio: np.ndarray, sample_rate: int | None) -> np.ndarray:
     return wav
 
 
-class Conversation:
+class Conversation(HistoryView):
     """One conversation's history and its reply stream. Not shared across event loops.
 
     Every change to the history is announced to the listeners added with `subscribe` as a list of
@@ -205,16 +205,6 @@ class Conversation:
         self._reply_ref: Callable[[], Reply | None] = lambda: None
         self._listeners: list[Callable[[list[Event]], None]] = []
         self._closed = False
-
-    @property
-    def history(self) -> list[Segment]:
-        """The context the next reply is conditioned on, oldest first (pinned voices included)."""
-        return self._history.segments
-
-    @property
-    def turns(self) -> list[Turn]:
-        """The history with each entry's origin."""
-        return list(self._history)
 
     def digest(self, voice_names: Mapping[int, str] | None = None) -> str:
         return self._history.digest(voice_names)

@@ -303,3 +303,20 @@ class History:
             return []
         del self._turns[:count]
         return [Dropped(count)]
+
+
+class HistoryView:
+    """The read side of a conversation handle over its `_history` (the local service's and the
+    remote client's conversations share it)."""
+
+    _history: History
+
+    @property
+    def history(self) -> list[Segment]:
+        """The context the next reply is conditioned on, oldest first (pinned voices included)."""
+        return self._history.segments
+
+    @property
+    def turns(self) -> list[Turn]:
+        """The history with each entry's origin (and id)."""
+        return list(self._history)

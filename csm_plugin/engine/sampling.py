@@ -7,16 +7,13 @@ logits, which samples softmax(logits / T) restricted to the top k.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from ..conversation.options import check_sampling
+from ..conversation.types import FRAME_MS  # re-exported by core.py and the package
 from ..errors import InputError
-
-# One frame of audio. Defined here, the lowest module of the package, because Sampling and
-# max_frames_for_text need it; core.py and the package re-export it.
-FRAME_MS = 80
 
 
 @dataclass(frozen=True)
@@ -30,14 +27,9 @@ class Sampling:
     max_audio_ms: float | None = None
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
-            raise InputError(f"temperature must be a positive number, got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise InputError(f"top_k must be an int >= 1, got {self.top_k!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise InputError(f"seed must be an int, got {self.seed!r}")
-        if self.max_audio_ms is not None and not self.max_audio_ms >= FRAME_MS:
-            raise InputError(f"max_audio_ms must be at least {FRAME_MS}, got {self.max_audio_ms!r}")
+        if self.seed is None:
+            raise InputError("seed must be an int, got None")
+        check_sampling(self.temperature, self.top_k, self.seed, self.max_audio_ms)
 
 
 def max_frames_for_text(text: str, max_audio_ms: float | None = None) -> int:
