@@ -35,6 +35,9 @@ class Limits(BaseModel):
     max_audio_seconds: float = Field(60.0, gt=0, description="longest input audio (or codes) of one segment")
     max_reply_ms: float = Field(60_000.0, ge=80, description="cap on one reply's audio")
     context_positions: int | None = Field(None, ge=64, description="context budget in model positions (None: the model's)")
+    # A conversation's history is bounded by its context budget (csm_plugin.conversation.History):
+    # every turn takes at least 4 positions, so 2048 positions hold at most 513 turns, and the
+    # default admits every history a server can hold (a failover replay is never refused).
     max_history_segments: int = Field(1000, ge=1, description="most segments a restore may carry")
     max_conversations_per_key: int = Field(64, ge=1, description="open conversation streams per API key")
     max_streams_per_key: int = Field(16, ge=1, description="replies generating at once per API key")
