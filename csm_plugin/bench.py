@@ -97,6 +97,7 @@ def per_frame_split(engine: Engine, context, sampling, frames: int) -> dict:
                 parts["backbone_ms"].append(1000 * (t1 - t0))
             parts["depth_ms"].append(1000 * (t2 - t1))
             parts["codec_ms"].append(1000 * (t3 - t2))
+    engine.finish(stream, None, None)  # a slot is freed only once nothing writes into it
     engine.release("split")
     out = {k: statistics.median(v) for k, v in parts.items()}
     out["frame_ms"] = sum(out.values())
