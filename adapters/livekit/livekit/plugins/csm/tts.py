@@ -13,6 +13,7 @@ first use or in `prewarm()`, once per process (the process-wide `shared_service`
 from __future__ import annotations
 
 import asyncio
+import importlib
 import math
 import os
 import time
@@ -151,6 +152,7 @@ class TTS(tts.TTS):
         self._unsettled: deque[_Speech] = deque(maxlen=8)  # replies whose playback has not ended
         self._pending_trims: list[tuple[_Speech, float]] = []
         self._tasks: set[asyncio.Task] = set()
+        self._speaking: set[asyncio.Task] = set()  # the tasks of streams speaking now (see aclose)
 
     # --- LiveKit surface ----------------------------------------------------------------------
 
@@ -193,11 +195,11 @@ class TTS(tts.TTS):
         self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
     ) -> ChunkedStream:
         self._auto_attach()
-        return ChunkedStream(tts=self, input_text=text, conn_options=conn_options)
+        return ChunkedStream(tts=self, input_text=text, conn_options=conn_options, options=self._opts.speak)
 
     def stream(self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> SynthesizeStream:
         self._auto_attach()
-        return SynthesizeStream(tts=self, conn_options=conn_options)
+        return SynthesizeStream(tts=self, conn_options=conn_options, options=self._opts.speak)
 
     def prewarm(self) -> None:
         """Load the model. Inside a running event loop (LiveKit calls this when the agent starts)
@@ -214,9 +216,19 @@ class TTS(tts.TTS):
 
     async def aclose(self) -> None:
         self._detach()
+        # Streams still speaking stop now (each records what it delivered), then the
+        # conversation is closed, so its cache slot is free for other calls.
+        speaking = [t for t in self._speaking if not t.done()]
+        for task in speaking:
+            task.cancel()
+        if speaking:
+            await asyncio.wait(speaking)
         if self._backend_task is not None and not self._backend_task.done():
-            # let a load in progress finish: cancelling it could cancel the shared model's load
-            await asyncio.wait([self._backend_task])
+            if self._url:
+                await utils.aio.cancel_and_wait(self._backend_task)  # a connection attempt: ours alone
+            else:
+                # let a load in progress finish: cancelling it could cancel the shared model's load
+                await asyncio.wait([self._backend_task])
         for task in list(self._tasks):
             task.cancel()
         conv, self._conv = self._conv, None
@@ -372,21 +384,34 @@ class TTS(tts.TTS):
         return task
 
     async def _open_backend(self) -> SpeechBackend:
+        # Imported on a worker thread: the in-process backend imports torch (about a second),
+        # which must not block the event loop (LiveKit's loop monitor flags 0.5 s).
         if self._url:
             try:
-                from csm_plugin.client import RemoteBackend
+                client = await asyncio.to_thread(importlib.import_module, "csm_plugin.client")
             except ImportError as e:
                 raise APIError(
                     "url= needs csm_plugin.client, which this csm-plugin install does not have",
                     retryable=False,
                 ) from e
-            backend = RemoteBackend(self._url, api_key=self._api_key)
-            await backend.start()
+            # One attempt per call: a refused or silent server fails within the call's
+            # conn_options.timeout, and LiveKit's own retries (or a FallbackAdapter) take over.
+            timeout = DEFAULT_API_CONNECT_OPTIONS.timeout
+            backend = client.RemoteBackend(
+                self._url, api_key=self._api_key, connect_timeout=timeout, ready_timeout=0,
+                request_timeout=timeout, reconnect_timeout=timeout,
+            )
+            try:
+                await asyncio.wait_for(backend.start(), timeout)
+            except asyncio.TimeoutError as e:
+                await backend.close()
+                raise APITimeoutError(f"the CSM server at {self._url} did not answer within {timeout:g} s") from e
             self._owns_backend = True
             return backend
-        from csm_plugin.backend import shared_service
-
-        return await shared_service(self._model_name, device=self._device, dtype=self._dtype, **self._service_options)
+        backend_module = await asyncio.to_thread(importlib.import_module, "csm_plugin.backend")
+        return await backend_module.shared_service(
+            self._model_name, device=self._device, dtype=self._dtype, **self._service_options
+        )
 
     async def _conversation(self) -> ConversationHandle:
         if self._conv is not None:
@@ -413,11 +438,17 @@ class TTS(tts.TTS):
         *,
         on_sentence: Callable[[], None],
         timeout: float,
+        options: SpeakOptions,
     ) -> None:
-        """Speak each sentence as it arrives, one model frame at a time, into `emitter`."""
+        """Speak each sentence as it arrives, one model frame at a time, into `emitter`, with the
+        options the stream was created with. Each wait on the model or the server is bounded by
+        the call's conn_options.timeout."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._speaking.add(task)
         try:
             async with self._get_lock():  # one reply at a time; turns are recorded in between
-                conv = await self._conversation()
+                conv = await _bounded(self._conversation(), timeout, "connecting to CSM")
                 self._refresh_io()
                 await self._catch_up(conv)
                 self._spoken = True
@@ -427,26 +458,28 @@ class TTS(tts.TTS):
                     async for text in sentences:
                         if text.strip():
                             on_sentence()
-                            await self._speak_sentence(conv, text.strip(), emitter, speech, timeout)
+                            await self._speak_sentence(conv, text.strip(), emitter, speech, timeout, options)
                 finally:
                     speech.history_len = len(conv.history)
         except (APIError, asyncio.CancelledError):
             raise
         except Exception as e:
             raise _api_error(e) from e
+        finally:
+            if task is not None:
+                self._speaking.discard(task)
 
     async def _speak_sentence(
-        self, conv: ConversationHandle, text: str, emitter: tts.AudioEmitter, speech: _Speech, timeout: float
+        self, conv: ConversationHandle, text: str, emitter: tts.AudioEmitter, speech: _Speech, timeout: float,
+        options: SpeakOptions,
     ) -> None:
-        chunks = conv.speak(text, self._opts.speak).__aiter__()
+        chunks = conv.speak(text, options).__aiter__()
         frames = 0
         try:
             try:
-                chunk = await (asyncio.wait_for(chunks.__anext__(), timeout) if timeout > 0 else chunks.__anext__())
+                chunk = await _bounded(chunks.__anext__(), timeout, "waiting for the first audio")
             except StopAsyncIteration:
                 return
-            except asyncio.TimeoutError as e:
-                raise APITimeoutError(f"CSM produced no audio within {timeout} s") from e
             while True:
                 pcm = np.ascontiguousarray(chunk.pcm, dtype=np.int16)
                 emitter.push_frame(
@@ -461,7 +494,7 @@ class TTS(tts.TTS):
                 speech.frames_pushed += 1
                 await asyncio.sleep(0)  # let the frame go out before the next one
                 try:
-                    chunk = await chunks.__anext__()
+                    chunk = await _bounded(chunks.__anext__(), timeout, "waiting for the next frame")
                 except StopAsyncIteration:
                     break
         finally:
@@ -473,9 +506,10 @@ class TTS(tts.TTS):
 class ChunkedStream(tts.ChunkedStream):
     """`synthesize(text)`: the whole text, sentence by sentence, frame by frame."""
 
-    def __init__(self, *, tts: TTS, input_text: str, conn_options: APIConnectOptions) -> None:
+    def __init__(self, *, tts: TTS, input_text: str, conn_options: APIConnectOptions, options: SpeakOptions) -> None:
         super().__init__(tts=tts, input_text=input_text, conn_options=conn_options)
         self._tts: TTS = tts
+        self._options = options  # a snapshot: update_options() applies to the next stream
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
         output_emitter.initialize(
@@ -487,16 +521,18 @@ class ChunkedStream(tts.ChunkedStream):
         )
         sentences = self._tts._sentence_tokenizer.tokenize(self.input_text)
         await self._tts._speak(
-            output_emitter, _aiter(sentences), on_sentence=lambda: None, timeout=self._conn_options.timeout
+            output_emitter, _aiter(sentences), on_sentence=lambda: None, timeout=self._conn_options.timeout,
+            options=self._options,
         )
 
 
 class SynthesizeStream(tts.SynthesizeStream):
     """`stream()`: text as the LLM produces it; each sentence is spoken once it is complete."""
 
-    def __init__(self, *, tts: TTS, conn_options: APIConnectOptions) -> None:
+    def __init__(self, *, tts: TTS, conn_options: APIConnectOptions, options: SpeakOptions) -> None:
         super().__init__(tts=tts, conn_options=conn_options)
         self._tts: TTS = tts
+        self._options = options  # a snapshot: update_options() applies to the next stream
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
         request_id = utils.shortuuid()
@@ -526,7 +562,8 @@ class SynthesizeStream(tts.SynthesizeStream):
         forward = asyncio.create_task(forward_input(), name="csm.forward_input")
         try:
             await self._tts._speak(
-                output_emitter, sentences(), on_sentence=self._mark_started, timeout=self._conn_options.timeout
+                output_emitter, sentences(), on_sentence=self._mark_started, timeout=self._conn_options.timeout,
+                options=self._options,
             )
         finally:
             await utils.aio.cancel_and_wait(forward)
@@ -573,6 +610,16 @@ class _UserAudioTap(io.AudioInput):
         return (np.concatenate(parts) / 32768.0).astype(np.float32), rate
 
 
+async def _bounded(awaitable, timeout: float, what: str):
+    """`awaitable` within `timeout` seconds (no bound if timeout <= 0), else APITimeoutError."""
+    if timeout <= 0:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError as e:
+        raise APITimeoutError(f"CSM: no answer within {timeout:g} s while {what}") from e
+
+
 async def _aiter(items: Iterable[str]) -> AsyncIterable[str]:
     for item in items:
         yield item
@@ -585,6 +632,15 @@ def _api_error(e: BaseException) -> APIError:
     from csm_plugin import errors
 
     message = f"{type(e).__name__}: {e}"
+    code = getattr(e, "code", None)  # a csm_plugin.client.RemoteError: the server's error code
+    if code == "unauthorized":
+        return APIStatusError(message, status_code=401)  # a wrong API key: never retried
+    if code in ("too_many_streams", "too_many_conversations", "busy"):
+        return APIStatusError(message, status_code=429)  # retried later, LiveKit's way
+    if code in ("not_ready", "draining", "too_many_connections", "superseded") or type(e).__name__ in (
+        "ServerUnavailableError", "ConnectionLostError",
+    ):
+        return APIConnectionError(message)  # another attempt (or the fallback TTS) may reach a server
     if isinstance(e, (errors.InputError, errors.AudioError, errors.ContextTooLongError, errors.CheckpointError)):
         return APIError(message, retryable=False)  # bad input or model: retrying cannot help
     if isinstance(e, errors.WorkerCrashedError):
