@@ -331,7 +331,12 @@ class RemoteConversation(HistoryView):
         if audio is not None:
             if sample_rate is None or isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):
                 raise AudioError(f"audio needs an int sample_rate, got {sample_rate!r}")
-            pcm = as_mono(audio)
+            try:
+                pcm = as_mono(audio)
+            except AudioError:
+                raise
+            except (TypeError, ValueError) as e:  # e.g. a list of strings, a ragged list
+                raise AudioError(f"audio must be an array of samples: {e}") from None
             message["audio"] = {"format": "s16le", "sample_rate": int(sample_rate), "data": _b64(float_to_int16(pcm).astype("<i2"))}
         return events_in((await self._request(message)).get("events", []))
 

@@ -188,14 +188,34 @@ class SpeechRequest(_SpeakRequest):
     context: list[SegmentIn] = Field(default_factory=list)
 
 
-def parse_client_message(raw: str | bytes) -> Open | Restore | AddSegment | Speak | Interrupt | Close:
-    """Parse one text message; ProtocolError(bad_message) with a short reason if it is not valid."""
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json(raw: str | bytes) -> Any:
+    """JSON text (or UTF-8 bytes) -> Python values; ProtocolError(bad_message) for anything that is
+    not valid JSON of valid Unicode: bad UTF-8, nesting too deep for the parser, or a `\\uD800`
+    style escape that leaves a lone surrogate (which no tokenizer or encoder can take)."""
     try:
+        if isinstance(raw, (bytes, bytearray)):
+            raw = bytes(raw).decode("utf-8")
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(Code.BAD_MESSAGE, f"not JSON: {e}") from None
     except RecursionError:
         raise ProtocolError(Code.BAD_MESSAGE, "not JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(Code.BAD_MESSAGE, f"not JSON: {e}"[:300]) from None
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then walk the values (a valid pair passes)
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(Code.BAD_MESSAGE, "not valid Unicode: a string holds a lone surrogate escape (\\ud800-\\udfff)") from None
+        except (ValueError, RecursionError):  # cannot happen for parsed JSON; refuse rather than fail
+            raise ProtocolError(Code.BAD_MESSAGE, "not JSON: nested too deeply") from None
+    return data
+
+
+def parse_client_message(raw: str | bytes) -> Open | Restore | AddSegment | Speak | Interrupt | Close:
+    """Parse one text message; ProtocolError(bad_message) with a short reason if it is not valid."""
+    data = parse_json(raw)
     if not isinstance(data, dict):
         raise ProtocolError(Code.BAD_MESSAGE, "a message must be a JSON object")
     try:

@@ -23,6 +23,7 @@ from ..conversation.protocol import (
     decode_codes,
     describe_validation_error,
     error_code,
+    parse_json,
 )
 from ..conversation.types import FRAME_MS, SAMPLE_RATE, Segment
 from ..engine import max_frames_for_text
@@ -164,10 +165,7 @@ async def speech(request: web.Request) -> web.Response:
     principal = authenticate(request)
     state = request.app[STATE]
     check_ready(state)
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(Code.BAD_MESSAGE, f"the body is not JSON: {e}") from None
+    body = parse_json(await request.read())  # bad_message for bad JSON, deep nesting, lone surrogates
     try:
         req = SpeechRequest.model_validate(body)
     except Exception as e:  # noqa: BLE001 - pydantic's ValidationError

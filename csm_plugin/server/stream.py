@@ -94,6 +94,7 @@ class Connection:
         self.generating = False  # from a speak request until its audio ends
         self.pending_interrupt: tuple[float | None, int] | None = None
         self.interrupted = False
+        self._stop_reason: ProtocolError | None = None  # why stop_speaking cut the reply (sent in its `done`)
         self._send_lock = asyncio.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -134,24 +135,31 @@ class Connection:
                 with contextlib.suppress(Exception):
                     await self.ws.close()
 
-    async def stop_speaking(self) -> None:
-        """Cancel a running reply now (the service keeps the frames already sent) and wait for it."""
+    async def stop_speaking(self, reason: ProtocolError | None = None) -> None:
+        """Stop a running reply now (the history keeps the frames sent) and wait for it. With a
+        `reason`, the socket is still there: the reply ends with its `done` (reason
+        "interrupted", the error saying why); without one (the socket is gone) it is just cancelled."""
         task = self.speak_task
         if task is not None and not task.done():
+            self._stop_reason = reason
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
 
     async def supersede(self) -> None:
-        """A newer connection takes this conversation over."""
+        """A newer connection takes this conversation over: a running reply ends first (with its
+        `done` on this socket, so the history changes reach this client), then close 4000."""
+        await self.stop_speaking(ProtocolError(Code.SUPERSEDED, "another socket took this conversation over"))
+        if self.session is not None and self.session.connection is self:
+            self.session.connection = None
         self.session = None
-        await self.stop_speaking()
         with contextlib.suppress(Exception):
             await self.ws.close(code=CLOSE_SUPERSEDED, message=b"superseded by a newer connection")
 
     async def shut_down(self) -> None:
-        """Server shutdown: cut any reply still running, close with 1001 (going away)."""
-        await self.stop_speaking()
+        """Server shutdown: cut any reply still running (its `done` says `draining`), close with
+        1001 (going away)."""
+        await self.stop_speaking(ProtocolError(Code.DRAINING, "the server is shutting down; the reply was cut"))
         with contextlib.suppress(Exception):
             await self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
@@ -237,6 +245,9 @@ class Connection:
         voices = self._voices(message.voices)
         sessions = self.state.sessions
         session = sessions.get(self.key_id, self.conversation_id)
+        if session is not None and session.connection not in (None, self):
+            # Its running reply ends (and is recorded) before the states are compared.
+            await session.connection.supersede()
         if session is not None:
             if session.voices == voices and message.digest is not None and session.digest() == message.digest:
                 await self._take(session)
@@ -329,16 +340,19 @@ class Connection:
                     else:
                         metrics.frame_interval.observe((now - last) / max(1, chunk.num_frames))
                     last = now
+                    frames += chunk.num_frames  # delivered: its header and PCM go out whatever happens next
                     await self.send_chunk(message.id, chunk)
-                    frames += chunk.num_frames
                     if self.pending_interrupt is not None:
                         (played_ms, replies), self.pending_interrupt = self.pending_interrupt, None
                         await conv.interrupt(played_ms, replies=replies)
             if self.interrupted:
                 outcome = "interrupted"
         except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
+            if self._stop_reason is None:  # the socket went away (or the task was cancelled from outside)
+                outcome = "cancelled"
+                raise
+            asyncio.current_task().uncancel()  # stopped on purpose: the client still gets its `done`
+            outcome, error, self._stop_reason = "interrupted", self._stop_reason, None
         except SlowReader:
             outcome = "slow_reader"
             metrics.errors.labels(Code.SLOW_READER).inc()
@@ -390,19 +404,32 @@ class Connection:
 
     async def send_chunk(self, rid: int | None, chunk: AudioChunk) -> None:
         """The chunk's header, then its PCM. A reader that takes nothing for send_timeout_s is
-        dropped (backpressure: until then, sending waits for the socket to drain)."""
-        header = chunk_header(rid, chunk)
-        async with self._send_lock:
-            try:
-                await asyncio.wait_for(self._send_pair(dumps(header), chunk.data), self.state.limits.send_timeout_s)
-            except asyncio.TimeoutError:
-                raise SlowReader() from None
+        dropped (backpressure: until then, sending waits for the socket to drain).
+
+        The pair is sent by a task of its own: stopping the reply while it waits for the socket
+        never splits a header from its PCM, and a chunk once started counts as delivered (the
+        `done` that follows waits for it under the send lock)."""
+        header = dumps(chunk_header(rid, chunk))
+        pair = asyncio.ensure_future(self._send_pair(header, chunk.data))
+        try:
+            await asyncio.wait_for(asyncio.shield(pair), self.state.limits.send_timeout_s)
+        except asyncio.TimeoutError:
+            raise SlowReader() from None
+        finally:
+            if not pair.done():  # left behind: finish it (or fail quietly when the socket goes)
+                pair.add_done_callback(_quiet)
 
     async def _send_pair(self, header: str, data: bytes) -> None:
-        await self.ws.send_str(header)
-        await self.ws.send_bytes(data)
+        async with self._send_lock:
+            await self.ws.send_str(header)
+            await self.ws.send_bytes(data)
 
     def _abort(self) -> None:
         transport = self.request.transport
         if transport is not None:
             transport.abort()
+
+
+def _quiet(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a send that failed because the socket went away is no news
