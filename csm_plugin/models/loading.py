@@ -505,9 +505,10 @@ def bundled_tokenizer_file() -> Path:
 def make_test_checkpoint(
     directory: str | os.PathLike, fmt: Format = "hf", seed: int = 0, tokenizer: str | os.PathLike | None = None
 ) -> Path:
-    """Write a small random CSM checkpoint (with a tiny random Mimi and a real Llama-3 tokenizer)."""
+    """Write a small random CSM checkpoint (with a tiny random Mimi and a real Llama-3 tokenizer).
+    Its audio is noise, kept at a safe level (no DC offset, peaks well under -6 dBFS)."""
     from .mimi import MimiConfig
-    from .mimi_loading import random_mimi_state_dict, to_moshi_state_dict
+    from .mimi_loading import random_mimi_state_dict, safe_level_, to_moshi_state_dict
 
     if fmt not in ("hf", "sesame"):
         raise CheckpointError(f"format must be 'hf' or 'sesame', got {fmt!r}")
@@ -516,7 +517,7 @@ def make_test_checkpoint(
     cfg = tiny_config()
     weights = from_internal(random_weights(cfg, seed), fmt, cfg)
     mimi_cfg = MimiConfig.tiny()
-    mimi_state = random_mimi_state_dict(mimi_cfg, seed + 1)
+    mimi_state = safe_level_(random_mimi_state_dict(mimi_cfg, seed + 1), mimi_cfg, seed)  # noise, at a safe level
     if fmt == "hf":
         config = hf_config(cfg, mimi_cfg.to_hf_dict())
         weights.update({f"codec_model.{k}": v for k, v in mimi_state.items()})

@@ -284,6 +284,30 @@ def random_mimi_state_dict(config: MimiConfig, seed: int) -> dict[str, Tensor]:
     return out
 
 
+def safe_level_(state_dict: dict[str, Tensor], config: MimiConfig, seed: int = 0, peak: float = 0.25) -> dict[str, Tensor]:
+    """Make a random transformers-layout Mimi's decoded audio safe to listen to, in place: no DC
+    offset and about `peak` (0.25 = -12 dBFS) at most. For test checkpoints, whose audio is noise.
+
+    Random weights decode to noise several times full scale with a DC offset (clipped, it is a
+    hearing risk through headphones). The last decoder conv makes the samples, so only it
+    changes: each input channel's taps are made to sum to zero and its bias is zeroed (a
+    differencing filter, so no input can give a DC offset), then the weights are scaled so that
+    decoding random codes peaks at `peak`. The model code is untouched.
+    """
+    convs = [(int(m.group(1)), k) for k in state_dict if (m := re.match(r"decoder\.layers\.(\d+)\.conv\.weight$", k))]
+    weight_name = max(convs)[1]
+    bias_name = weight_name[: -len("weight")] + "bias"
+    w = state_dict[weight_name]
+    state_dict[weight_name] = w - w.mean(dim=-1, keepdim=True)
+    state_dict[bias_name] = torch.zeros_like(state_dict[bias_name])
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, config.codebook_size, (2, config.num_quantizers, 50), generator=g)
+    with torch.inference_mode():
+        measured = float(mimi_from_state_dict(state_dict, config).decode(codes).abs().max())
+    state_dict[weight_name] = (state_dict[weight_name] * (peak / max(measured, 1e-6))).contiguous()
+    return state_dict
+
+
 # --------------------------------------------------------------------------------------------
 # loading from disk / the Hub
 
@@ -366,5 +390,6 @@ __all__ = [
     "load_mimi",
     "mimi_from_state_dict",
     "random_mimi_state_dict",
+    "safe_level_",
     "to_moshi_state_dict",
 ]
