@@ -57,6 +57,8 @@ def read_mono(path: str | Path) -> tuple[np.ndarray, int]:
     """Read an audio file as (float32 mono samples, sample rate). Multi-channel files are rejected."""
     import soundfile as sf
 
+    if not Path(path).is_file():
+        raise AudioError(f"audio file {path} does not exist" if not Path(path).exists() else f"{path} is not a file")
     try:
         wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # noqa: BLE001 - soundfile raises several types for unreadable input
