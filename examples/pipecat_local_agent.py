@@ -17,56 +17,50 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import os
 import sys
-import tempfile
 import wave
 
 import numpy as np
-from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams
-from pipecat.frames.frames import (
-    EndFrame,
-    Frame,
-    InputAudioRawFrame,
-    LLMContextFrame,
-    LLMFullResponseEndFrame,
-    LLMFullResponseStartFrame,
-    LLMTextFrame,
-    TranscriptionFrame,
-    TTSAudioRawFrame,
-)
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
-from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.aggregators.llm_response_universal import (
-    LLMContextAggregatorPair,
-    LLMUserAggregatorParams,
-)
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import SpeechTimeoutUserTurnStopStrategy
-from pipecat.turns.user_turn_strategies import UserTurnStrategies
-from pipecat.workers.runner import WorkerRunner
 
-from pipecat_csm import CSMTTSService
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from offline_standins import fail, missing_dependency, offline_checkpoint, scripted_reply, setup_runtime  # noqa: E402
+
+try:
+    from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams
+    from pipecat.frames.frames import (
+        EndFrame,
+        Frame,
+        InputAudioRawFrame,
+        LLMContextFrame,
+        LLMFullResponseEndFrame,
+        LLMFullResponseStartFrame,
+        LLMTextFrame,
+        TranscriptionFrame,
+        TTSAudioRawFrame,
+    )
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+    from pipecat.processors.aggregators.llm_context import LLMContext
+    from pipecat.processors.aggregators.llm_response_universal import (
+        LLMContextAggregatorPair,
+        LLMUserAggregatorParams,
+    )
+    from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+    from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import SpeechTimeoutUserTurnStopStrategy
+    from pipecat.turns.user_turn_strategies import UserTurnStrategies
+    from pipecat.workers.runner import WorkerRunner
+
+    from pipecat_csm import CSMTTSService
+except ImportError as e:
+    missing_dependency(e, "Pipecat", 'pip install "csm-plugin[pipecat]" (in a clone: pip install -e ".[pipecat]")')
 
 SYSTEM = "You are a friendly customer-service agent for a parcel company. Answer in one or two short sentences."
 
-# The scripted LLM stand-in: the first rule whose keyword is in the user's words answers.
-RULES = [
-    (("parcel", "package", "order", "arrive"), "I am sorry to hear that. Could you tell me what was in the parcel?"),
-    (("jacket", "shoes", "book", "blue", "red"), "Thank you. I found the order, and it is at the depot. It will reach you tomorrow."),
-    (("refund", "money"), "I can refund it today. The money will be back on your card within three days."),
-    (("thank", "bye", "great"), "You are welcome. Have a lovely day!"),
-]
-FALLBACK = "I see. Could you tell me a little more?"
-
-
-def scripted_reply(text: str) -> str:
-    words = text.lower()
-    return next((reply for keys, reply in RULES if any(k in words for k in keys)), FALLBACK)
-
 
 class ScriptedLLM(FrameProcessor):
-    """Answers each LLM context with a canned reply, streamed as tokens like a real LLM service."""
+    """Answers each LLM context with a canned reply (offline_standins.RULES), streamed as tokens
+    like a real LLM service."""
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
@@ -167,10 +161,12 @@ def user_aggregator_params(vad: VADAnalyzer | None = None) -> LLMUserAggregatorP
 
 def make_llm(kind: str):
     if kind == "openai":
-        from pipecat.services.openai.llm import OpenAILLMService
-
-        import os
-
+        try:
+            from pipecat.services.openai.llm import OpenAILLMService
+        except ImportError as e:
+            missing_dependency(e, "Pipecat's OpenAI service", 'pip install "pipecat-ai[openai]"')
+        if not os.environ.get("OPENAI_API_KEY"):
+            fail("--llm openai needs OPENAI_API_KEY in the environment")
         return OpenAILLMService(api_key=os.environ["OPENAI_API_KEY"])
     return ScriptedLLM()
 
@@ -202,21 +198,23 @@ async def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm", choices=["scripted", "openai"], default="scripted")
     p.add_argument("--model", help="CSM checkpoint (path or hub id)")
     p.add_argument("--test-checkpoint", action="store_true", help="a small random checkpoint (noise, for a dry run)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda; auto: cuda when usable (default)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: $CSM_THREADS, else the CPUs available)")
     p.add_argument("--max-audio-ms", type=float, default=None, help="cap each reply's audio")
     args = p.parse_args(argv)
 
-    model = args.model
-    if args.test_checkpoint:
-        from csm_plugin.models.loading import make_test_checkpoint
-
-        model = str(make_test_checkpoint(tempfile.mkdtemp(prefix="csm-test-"), "hf", seed=0))
-    tts = CSMTTSService(device=args.device, settings=CSMTTSService.Settings(model=model, max_audio_ms=args.max_audio_ms))
+    device = setup_runtime(args.device, args.threads)
+    model = offline_checkpoint() if args.test_checkpoint else args.model
+    tts = CSMTTSService(device=device, settings=CSMTTSService.Settings(model=model, max_audio_ms=args.max_audio_ms))
 
     context = LLMContext([{"role": "system", "content": SYSTEM}])
     transport = None
     if args.mic or args.speaker:
-        from pipecat.transports.local.audio import LocalAudioTransport, LocalAudioTransportParams
+        try:
+            from pipecat.transports.local.audio import LocalAudioTransport, LocalAudioTransportParams
+        except (ImportError, OSError) as e:  # pyaudio missing, or PortAudio under it
+            missing_dependency(e, "PyAudio (and the PortAudio library) for --mic / --speaker",
+                               "pip install pyaudio (PortAudio: apt install portaudio19-dev, or brew install portaudio)")
 
         transport = LocalAudioTransport(LocalAudioTransportParams(audio_in_enabled=args.mic, audio_out_enabled=True))
     aggregators = LLMContextAggregatorPair(context, user_params=user_aggregator_params(EnergyVAD() if args.mic else None))

@@ -2,7 +2,7 @@
 CSM as the voice, the conversation (the caller's own voice included) as its context.
 
     python examples/pipecat_phone_bot.py --test-checkpoint &      # serves one call on :8765
-    python examples/pipecat_phone_caller.py ws://localhost:8765   # plays the caller
+    python examples/pipecat_phone_caller.py ws://localhost:8765   # plays the caller (waits for the bot)
 
 The WebSocket speaks Twilio's Media Streams protocol (`connected`, `start`, `media`, `stop`
 events; base64 mu-law at 8 kHz), so a real Twilio number can stream to it (`<Connect><Stream
@@ -22,24 +22,28 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
-
-from pipecat.frames.frames import EndFrame
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
-from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
-from pipecat.serializers.twilio import TwilioFrameSerializer
-from pipecat.transports.websocket.server import (
-    SingleClientWebsocketServerParams,
-    SingleClientWebsocketServerTransport,
-)
-from pipecat.workers.runner import WorkerRunner
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pipecat_local_agent import EnergyVAD, ScriptedLLM, ScriptedSTT, user_aggregator_params  # noqa: E402
+from offline_standins import missing_dependency, offline_checkpoint, setup_runtime  # noqa: E402
 
-from pipecat_csm import CSMTTSService  # noqa: E402
+try:
+    from pipecat.frames.frames import EndFrame
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+    from pipecat.processors.aggregators.llm_context import LLMContext
+    from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
+    from pipecat.serializers.twilio import TwilioFrameSerializer
+    from pipecat.transports.websocket.server import (
+        SingleClientWebsocketServerParams,
+        SingleClientWebsocketServerTransport,
+    )
+    from pipecat.workers.runner import WorkerRunner
+
+    from pipecat_csm import CSMTTSService
+except ImportError as e:
+    missing_dependency(e, "Pipecat (with its websocket transport)", 'pip install "csm-plugin[pipecat]" (in a clone: pip install -e ".[pipecat]")')
+
+from pipecat_local_agent import EnergyVAD, ScriptedLLM, ScriptedSTT, user_aggregator_params  # noqa: E402
 
 PHONE_RATE = 8000
 SYSTEM = "You are the phone agent of a parcel company. Keep answers short; this is a phone call."
@@ -118,17 +122,16 @@ async def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="CSM checkpoint (path or hub id); default $CSM_MODEL, else sesame/csm-1b")
     p.add_argument("--url", help="a csm-plugin server instead of the in-process engine")
     p.add_argument("--test-checkpoint", action="store_true", help="a small random checkpoint (noise, for a dry run)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda; auto: cuda when usable (default)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: $CSM_THREADS, else the CPUs available)")
     p.add_argument("--max-audio-ms", type=float, default=None)
     args = p.parse_args(argv)
-    model = args.model
-    if args.test_checkpoint:
-        from csm_plugin.models.loading import make_test_checkpoint
-
-        model = str(make_test_checkpoint(tempfile.mkdtemp(prefix="csm-test-"), "hf", seed=0))
+    device = "cpu" if args.url else setup_runtime(args.device, args.threads)
+    model = offline_checkpoint() if args.test_checkpoint else args.model
     tts = CSMTTSService(
-        url=args.url, device=args.device, settings=CSMTTSService.Settings(model=model, max_audio_ms=args.max_audio_ms)
+        url=args.url, device=device, settings=CSMTTSService.Settings(model=model, max_audio_ms=args.max_audio_ms)
     )
+    print("loading the model before answering (the caller waits for it)...", flush=True)
     await tts.wait_ready()  # load before answering, so the caller never waits on the model
     print(f"answering one call on ws://{args.host}:{args.port}", flush=True)
     await serve_one_call(args.host, args.port, tts)

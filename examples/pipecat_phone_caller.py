@@ -2,6 +2,9 @@
 
     python examples/pipecat_phone_caller.py ws://localhost:8765 --wav call.wav
 
+Started together with the bot, it waits (up to --wait seconds, 60 by default) until the bot
+listens: the bot loads its model first.
+
 It sends `connected` and `start` (its lines as customParameters, for the bot's scripted
 transcriber), then 20 ms `media` messages of 8 kHz mu-law without a break, as a phone line does:
 a voiced stretch for each line (a buzz shaped like syllables; no speech model needed), then
@@ -19,7 +22,13 @@ import wave
 from dataclasses import dataclass, field
 
 import numpy as np
-import websockets
+
+try:
+    import websockets
+except ImportError as e:
+    print(f"error: the caller needs websockets ({e}). Install it with: pip install websockets "
+          '(it comes with "csm-plugin[pipecat]")', file=sys.stderr)
+    sys.exit(2)
 
 RATE, CHUNK = 8000, 160  # 8 kHz, 20 ms
 LINES = ["Hi, my parcel never arrived.", "It was a blue jacket.", "Great, thanks. Bye!"]
@@ -62,11 +71,39 @@ class CallResult:
         return sum(len(a) for a in self.audio) / 2 / RATE
 
 
-async def call(url: str, lines: list[str] = LINES, reply_gap_s: float = 1.5, timeout_s: float = 120) -> CallResult:
-    """Make one call; returns how much the bot said after each line."""
+class BotNotListening(ConnectionError):
+    """Nothing answered at the bot's address within the wait."""
+
+
+async def connect_when_listening(url: str, wait_s: float = 60.0, retry_s: float = 0.25):
+    """Open the WebSocket, retrying while nothing listens yet (the bot loads its model before it
+    listens, several seconds); says once that it is waiting. BotNotListening after `wait_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    told = False
+    while True:
+        try:
+            return await websockets.connect(url)
+        except (OSError, websockets.exceptions.InvalidHandshake) as e:  # refused or reset: the bot is still starting
+            if loop.time() >= deadline:
+                raise BotNotListening(
+                    f"no bot is listening at {url} after {wait_s:g} s ({getattr(e, 'strerror', None) or e}). Start it first: "
+                    "python examples/pipecat_phone_bot.py --test-checkpoint"
+                ) from None
+            if not told:
+                print(f"waiting for the bot at {url} (it listens once its model is loaded; up to {wait_s:g} s)...",
+                      file=sys.stderr, flush=True)
+                told = True
+            await asyncio.sleep(retry_s)
+
+
+async def call(url: str, lines: list[str] = LINES, reply_gap_s: float = 1.5, timeout_s: float = 120,
+               wait_s: float = 60.0) -> CallResult:
+    """Make one call (waiting up to `wait_s` for the bot to listen); returns how much the bot said
+    after each line."""
     result = CallResult()
     stream_sid = "MZ" + "0" * 32
-    async with websockets.connect(url) as ws:
+    async with await connect_when_listening(url, wait_s) as ws:
         received = asyncio.Event()
         heard = [0.0]  # seconds of bot audio so far
 
@@ -126,8 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("url", nargs="?", default="ws://localhost:8765")
     p.add_argument("--wav", help="save what the bot said (8 kHz)")
     p.add_argument("--reply-gap", type=float, default=1.5, help="seconds of bot silence that end its reply")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the bot to listen (default 60)")
     args = p.parse_args(argv)
-    result = asyncio.run(call(args.url, reply_gap_s=args.reply_gap))
+    try:
+        result = asyncio.run(call(args.url, reply_gap_s=args.reply_gap, wait_s=args.wait))
+    except BotNotListening as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"greeting: {result.greeting_s:.1f} s of bot audio")
     for line, seconds in zip(LINES, result.replies):
         print(f"caller: {line!r} -> bot replied with {seconds:.1f} s of audio")
