@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from csm_plugin.models.loading import make_test_checkpoint
+
+# One torch thread for the whole session (worker threads included) unless OMP_NUM_THREADS asks for
+# another count. torch's default is one thread per core; on a small shared machine (2 cores, other
+# jobs running) every op then waits on oversubscribed threads and the suite runs about 10x slower,
+# and the tiny test models gain nothing from intra-op parallelism. Server subprocesses that the
+# tests start set their own OMP_NUM_THREADS.
+if not os.environ.get("OMP_NUM_THREADS"):
+    torch.set_num_threads(1)
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.1) -> None:

@@ -15,6 +15,8 @@ from csm_plugin.prompt import build_prompt
 
 from conftest import generate_codes
 
+pytestmark = pytest.mark.slow  # the bench end to end (with the transformers baseline) and the int8 variant
+
 
 def test_bench_tiny_writes_its_json(tmp_path):
     out = tmp_path / "bench.json"

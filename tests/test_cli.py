@@ -37,6 +37,7 @@ def speak(ckpt, out, *extra):
     return main(["speak", "--model", str(ckpt), "--text", "Hello there.", "--seed", "3", "--out", str(out), *extra])
 
 
+@pytest.mark.slow
 def test_speak_writes_a_wav_matching_its_frames(hf_checkpoint, tmp_path):
     assert speak(hf_checkpoint, tmp_path / "a.wav", "--codes", str(tmp_path / "a.npy")) == 0
     wav, rate = sf.read(tmp_path / "a.wav", dtype="int16")
@@ -54,6 +55,7 @@ def test_speak_writes_a_wav_matching_its_frames(hf_checkpoint, tmp_path):
     assert not np.array_equal(other[:n], wav[:n])
 
 
+@pytest.mark.slow
 def test_context_audio_at_any_rate_conditions_the_reply(hf_checkpoint, tmp_path):
     sf.write(tmp_path / "u16k.wav", tone(1.0, 16_000), 16_000)
     sf.write(tmp_path / "u44k.wav", tone(1.0, 44_100), 44_100)
@@ -87,6 +89,7 @@ def test_unavailable_model_says_how_to_fix_it(tmp_path, capsys, monkeypatch):
     assert "sesame/csm-1b" in err and "make-test-checkpoint" in err
 
 
+@pytest.mark.slow
 def test_make_test_checkpoint_and_demo(tmp_path, monkeypatch, capsys):
     assert main(["make-test-checkpoint", str(tmp_path / "ckpt"), "--format", "sesame", "--seed", "2"]) == 0
     assert load_checkpoint(tmp_path / "ckpt").format == "sesame"

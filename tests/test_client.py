@@ -106,6 +106,7 @@ def test_remote_conversation_mirrors_the_local_one(hf_checkpoint, reference_engi
     run(main())
 
 
+@pytest.mark.slow
 def test_history_is_replayed_after_a_server_restart(hf_checkpoint, reference_engine):
     port = free_port()
 

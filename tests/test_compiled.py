@@ -8,6 +8,8 @@ import torch
 from csm_plugin.engine import Engine, Sampling, batch_bucket
 from csm_plugin.prompt import Segment, build_prompt
 
+pytestmark = pytest.mark.slow  # compiles the frame steps with torch.compile (tens of seconds of C++ builds on CPU)
+
 SEEDS, TEMPERATURES, TOP_K = [3, 11, 5], [0.9, 0.7, 1.0], [1, 50, 20]  # greedy and sampled in one batch
 
 

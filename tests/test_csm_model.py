@@ -170,6 +170,7 @@ def write_sesame(src, dst, state_transform=lambda s: s, as_ckpt=False):
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("as_ckpt", [False, True], ids=["safetensors", "ckpt.pt"])
 def test_sesame_format_gives_the_same_outputs(reference, ours, tmp_path, as_ckpt):
     path = write_sesame(reference[1], tmp_path / "sesame", as_ckpt=as_ckpt)
@@ -206,6 +207,7 @@ def test_sesame_test_checkpoint_loads(sesame_checkpoint, hf_checkpoint):
     assert rel_err(backbone_logits(b, tokens, mask)[0], backbone_logits(a, tokens, mask)[0]) < 1e-5
 
 
+@pytest.mark.slow
 def test_bf16_is_close_to_fp32(hf_checkpoint):
     fp32 = load_checkpoint(hf_checkpoint)
     bf16 = load_checkpoint(hf_checkpoint, dtype=torch.bfloat16)

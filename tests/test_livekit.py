@@ -364,6 +364,7 @@ async def test_remote_mode_through_a_server(hf_checkpoint):
 # --- AgentSession -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_agent_session_two_turns_in_context_then_barge_in(hf_checkpoint):
     backend = CountingBackend(await shared_service(hf_checkpoint))

@@ -174,6 +174,7 @@ def test_fewer_codebooks_matches_transformers(mimi, ref):
     assert _rel(mimi.decode(codes), expected) < 1e-4
 
 
+@pytest.mark.slow
 def test_full_size_matches_transformers(tmp_path):
     cfg = MimiConfig.full()
     sd = random_mimi_state_dict(cfg, seed=2)

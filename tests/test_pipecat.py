@@ -265,6 +265,7 @@ async def test_one_engine_per_process(hf_checkpoint):
     assert conv_a.id != conv_b.id
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_model_that_fails_to_load_reports_an_error_and_does_not_hang(tmp_path):
     tts = CSMTTSService(settings=CSMTTSService.Settings(model=str(tmp_path / "missing")))

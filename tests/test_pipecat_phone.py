@@ -21,6 +21,8 @@ from pipecat_phone_caller import call  # noqa: E402
 
 from pipecat_csm import CSMTTSService  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a whole phone call in real time
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -44,6 +44,7 @@ def test_topk_sampling_follows_the_softmax_of_the_top_k():
     assert torch.allclose(freq, p, atol=0.03)
 
 
+@pytest.mark.slow
 def test_each_codebook_and_frame_draws_independently():
     # The same logits in 32 codebooks x 500 frames: the counter-based noise must not repeat
     # across codebooks or frames (every pairing of two codebooks' draws is near independent).

@@ -207,6 +207,7 @@ _messages = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(messages=st.lists(_messages, min_size=15, max_size=40))
 def test_fuzzed_messages_get_errors_and_other_streams_keep_going(hf_checkpoint, messages):

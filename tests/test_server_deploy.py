@@ -27,6 +27,8 @@ from test_server_support import (
     wait_ready,
 )
 
+pytestmark = pytest.mark.slow  # starts `csm-plugin serve` subprocesses and nginx; SIGTERM draining and load tests
+
 needs_nginx = pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (apt-get install nginx-light)")
 
 

@@ -149,6 +149,7 @@ def test_interrupt_with_played_ms_and_after_the_reply(hf_checkpoint, reference_e
     assert history[-1].codes.shape[0] == 2 and history[-1].text == "Ok."
 
 
+@pytest.mark.slow
 def test_twenty_conversations_at_once_match_solo_runs(hf_checkpoint, reference_engine):
     async def main():
         async with CSMService(hf_checkpoint, max_cached_conversations=4) as service:  # 20 replies queue for 4 slots
@@ -182,6 +183,7 @@ def test_twenty_conversations_at_once_match_solo_runs(hf_checkpoint, reference_e
     assert ticks > 20  # the event loop kept running while the model worked
 
 
+@pytest.mark.slow
 def test_word_timings_cover_the_text(hf_checkpoint):
     text = "Thanks for waiting, your refund is on its way."
 
@@ -321,6 +323,7 @@ def test_long_prefill_is_interleaved_with_running_replies(hf_checkpoint):
     assert len(between) >= len(b_chunks) - 1  # A got a frame between every two of B's chunks
 
 
+@pytest.mark.slow
 def test_a_slow_listener_pauses_its_stream(hf_checkpoint):
     async def main():
         async with CSMService(hf_checkpoint) as service:
