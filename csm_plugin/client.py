@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,7 @@ __all__ = [
     "ServerUnavailableError",
     "ConnectionLostError",
     "LimitExceededError",
+    "SlowConsumerError",
 ]
 
 
@@ -87,6 +89,11 @@ class ConnectionLostError(RemoteError):
 
 class LimitExceededError(RemoteError):
     """A server limit: too many conversations or replies for this key, or a message too big."""
+
+
+class SlowConsumerError(RemoteError):
+    """The reply ended because its audio was not read fast enough (the reader stayed behind real
+    time); the history keeps the frames that were sent."""
 
 
 class UnknownConversationError(RemoteError):
@@ -130,6 +137,7 @@ _ERRORS: dict[str, type[RemoteError]] = {
     Code.TOO_MANY_CONVERSATIONS: LimitExceededError,
     Code.TOO_MANY_STREAMS: LimitExceededError,
     Code.UNKNOWN_CONVERSATION: UnknownConversationError,
+    Code.SLOW_CONSUMER: SlowConsumerError,
     Code.TOO_MANY_CONNECTIONS: ServerUnavailableError,
     Code.DRAINING: ServerUnavailableError,
     Code.NOT_READY: ServerUnavailableError,
@@ -139,8 +147,20 @@ _ERRORS: dict[str, type[RemoteError]] = {
 _RETRY_CODES = {Code.DRAINING, Code.NOT_READY, Code.TOO_MANY_CONNECTIONS, Code.SUPERSEDED}
 
 
-def remote_error(code: str, message: str) -> RemoteError:
-    return _ERRORS.get(code, RemoteError)(message, code)
+def remote_error(code: str, message: str, retry_after_s: float | None = None) -> RemoteError:
+    """The client-side error for a server error code. A `busy` with a retry-after hint (the
+    server's queue is full) is a ServerUnavailableError that says when to try again; `busy`
+    without one is the conversation's own reply in progress (ConversationBusyError)."""
+    if code == Code.BUSY and retry_after_s is not None:
+        error: RemoteError = ServerUnavailableError(message, code)
+    else:
+        error = _ERRORS.get(code, RemoteError)(message, code)
+    error.retry_after_s = retry_after_s
+    return error
+
+
+def _server_busy(error: BaseException) -> bool:
+    return isinstance(error, RemoteError) and error.code == Code.BUSY and getattr(error, "retry_after_s", None) is not None
 
 
 class _Retry(Exception):
@@ -238,10 +258,17 @@ class RemoteBackend:
         """One reply as a WAV file (POST /v1/speech), after an optional context of segments."""
         options = SpeakOptions.build(options, **changes)
         body = {"text": check_text(text), **options.to_wire(), "context": [segment_out(s, "user") for s in context or []]}
-        async with self._session().post(self.url + "/v1/speech", headers=self.headers, json=body) as response:
-            if response.status != 200:
-                raise await _error_from_response(response)
-            return await response.read()
+        retry = _Backoff(self)
+        while True:
+            async with self._session().post(
+                self.url + "/v1/speech", headers=self.headers, json=body, timeout=aiohttp.ClientTimeout(total=self.request_timeout)
+            ) as response:
+                if response.status == 200:
+                    return await response.read()
+                error = await _error_from_response(response)
+            if not _server_busy(error):
+                raise error
+            await retry.wait(error, at_least=error.retry_after_s)  # the server's queue is full: back off
 
     async def close(self) -> None:
         """Close every stream (the server keeps the conversations for a while) and the session."""
@@ -267,7 +294,7 @@ class RemoteBackend:
 async def _error_from_response(response: aiohttp.ClientResponse) -> RemoteError:
     try:
         error = (await response.json(content_type=None))["error"]
-        return remote_error(error["code"], error["message"])
+        return remote_error(error["code"], error["message"], error.get("retry_after_s"))
     except Exception:  # noqa: BLE001 - not our JSON error body (a proxy's page, say)
         code = {401: Code.UNAUTHORIZED, 413: Code.MESSAGE_TOO_BIG, 429: Code.TOO_MANY_STREAMS}.get(response.status, Code.NOT_READY)
         return remote_error(code, f"HTTP {response.status} {response.reason}")
@@ -381,6 +408,9 @@ class RemoteConversation(HistoryView):
                         error = item[0]
                         stream.finished.set()
                         stream.ended = True
+                        if _server_busy(error):  # no place on the server now: ask again after its hint
+                            restart = error
+                            continue
                         if error.code not in _RETRY_CODES:
                             raise error
                         restart = error
@@ -392,7 +422,7 @@ class RemoteConversation(HistoryView):
                             self._record_partial(stream)
                             raise ConnectionLostError(f"the connection broke during the reply: {item[0]}", Code.INTERNAL)
                         restart = item[0]  # nothing was heard: say it again on a new socket
-                await retry.wait(restart)
+                await retry.wait(restart, at_least=getattr(restart, "retry_after_s", None) or 0.0)
         finally:
             self._speaking = False
             if stream is not None and not stream.ended:
@@ -562,7 +592,7 @@ class RemoteConversation(HistoryView):
         kind, rid = data.get("type"), data.get("re")
         stream = self._stream if self._stream is not None and self._stream.rid == rid else None
         if kind == "error":
-            error = remote_error(data.get("code", Code.INTERNAL), data.get("message", ""))
+            error = remote_error(data.get("code", Code.INTERNAL), data.get("message", ""), data.get("retry_after_s"))
             future = self._futures.get(rid)
             if future is not None and not future.done():
                 future.set_exception(error)
@@ -669,14 +699,19 @@ class _Backoff:
         self.delay = backend.retry_initial
         self.deadline = asyncio.get_running_loop().time() + backend.reconnect_timeout
 
-    async def wait(self, reason: object) -> None:
+    async def wait(self, reason: object, at_least: float = 0.0) -> None:
+        """Sleep before the next try; at_least: the server's retry-after hint (a busy server),
+        spread by up to 20% so that many clients do not come back at the same moment."""
         loop = asyncio.get_running_loop()
-        if loop.time() + self.delay > self.deadline:
+        delay = max(self.delay, at_least * random.uniform(1.0, 1.2)) if at_least else self.delay
+        if loop.time() + delay > self.deadline:
+            busy = _server_busy(reason)
             raise ServerUnavailableError(
-                f"no server took the conversation within {self.backend.reconnect_timeout:g} s: {reason}", Code.NOT_READY
+                f"{'the server stayed busy' if busy else 'no server took the conversation'} within "
+                f"{self.backend.reconnect_timeout:g} s: {reason}", Code.BUSY if busy else Code.NOT_READY
             ) from (reason if isinstance(reason, BaseException) else None)
-        log.debug("retrying in %.2f s: %s", self.delay, reason)
-        await asyncio.sleep(self.delay)
+        log.debug("retrying in %.2f s: %s", delay, reason)
+        await asyncio.sleep(delay)
         self.delay = min(self.delay * 2, self.backend.retry_max)
 
 

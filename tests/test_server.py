@@ -145,7 +145,7 @@ def test_limits_have_clear_errors(hf_checkpoint):
     async def main():
         async with running_server(
             hf_checkpoint, max_text_chars=50, max_audio_seconds=1.0, max_streams_per_key=1, max_conversations_per_key=2,
-            max_history_segments=2,
+            max_history_segments=2, max_queued_per_key=0,
         ) as (url, state), aiohttp.ClientSession() as s:
             a = await Stream.connect(s, url, "a")
             await a.request(type="open")
@@ -165,13 +165,14 @@ def test_limits_have_clear_errors(hf_checkpoint):
             assert err["code"] == "history_too_long"
             err = await a.request(type="open", voices={"0": "nobody"})
             assert err["code"] in ("unknown_voice", "bad_message")
-            # one reply at a time per key: b's speak is refused while a's runs
+            # one reply at a time per key and no queue for it: b's speak is refused with busy and a
+            # retry-after hint while a's runs
             b = await Stream.connect(s, url, "b")
             await b.request(type="open")
             await a.send(type="speak", text="A long enough reply to overlap.", seed=1, max_audio_ms=4000)
             await poll(lambda: state.active_streams == 1)
             err = await b.request(type="speak", text="Me too.")
-            assert err["code"] == "too_many_streams"
+            assert err["code"] == "busy" and err["retry_after_s"] >= 1
             err = await a.request(type="add_segment", speaker=1, text="Wait.")
             assert err["code"] == "busy"
             # open conversations per key

@@ -73,7 +73,7 @@ def test_bad_input_over_http_and_websocket_gets_typed_errors(hf_checkpoint):
             assert err["code"] == "bad_message" and "top_k" in err["message"]
             # the largest top_k allowed is served (the engine caps it at the vocabulary)
             _, pcm, done = await c.reply(text="Any code will do.", top_k=MAX_TOP_K, seed=1, max_audio_ms=240)
-            assert done["reason"] == "completed" and done["frames"] == len(pcm) == 3
+            assert done["reason"] == "completed" and done["frames"] == 3 and len(b"".join(pcm)) == 3 * 3840
             text = await scrape(s, url)
             assert metric_value(text, "csm_errors_total", {"code": "internal"}) == 0
             assert metric_value(text, "csm_http_requests_total", {"endpoint": "/v1/speech", "status": "500"}) == 0
@@ -116,7 +116,7 @@ def test_a_superseded_socket_gets_done_for_its_running_reply(hf_checkpoint):
             while True:
                 msg = await a.ws.receive(timeout=30)
                 if msg.type == aiohttp.WSMsgType.BINARY:
-                    frames += 1
+                    frames += len(msg.data) // 3840
                 elif msg.type == aiohttp.WSMsgType.TEXT:
                     data = json.loads(msg.data)
                     if data["type"] == "done":

@@ -54,7 +54,7 @@ class Code:
     TOO_MANY_CONNECTIONS = "too_many_connections"
     DRAINING = "draining"
     NOT_READY = "not_ready"
-    SLOW_READER = "slow_reader"
+    SLOW_CONSUMER = "slow_consumer"  # the reader stayed behind real time: the reply ended
     SUPERSEDED = "superseded"
     ENGINE_ERROR = "engine_error"
     INTERNAL = "internal"

@@ -15,7 +15,9 @@ import logging
 from aiohttp import web
 
 from ..audio import read_mono
+from ..conversation.protocol import Code, ProtocolError
 from ..service import CSMService
+from .admission import Admission
 from .auth import KeyRing
 from .config import ServerConfig
 from .metrics import Metrics
@@ -54,24 +56,25 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.connections: set = set()  # stream.Connection
         self.connections_per_key: collections.Counter[str] = collections.Counter()
-        self.streams_per_key: collections.Counter[str] = collections.Counter()
+        limits = config.limits
+        self.admission = Admission(
+            limits.max_active_replies or self.service.max_cached_conversations, limits.max_streams_per_key,
+            limits.max_queued_replies, limits.max_queued_per_key, limits.queue_timeout_s,
+            on_change=lambda active, queued: self.metrics.queued.set(queued),
+        )
         self.active_streams = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: list[asyncio.Task] = []
 
-    # Stream accounting: the gauge, the per-key count and the drain all read these.
+    # Stream accounting: the gauge and the drain read these (admission.py counts the places).
     def stream_started(self, key_id: str) -> None:
         self.active_streams += 1
-        self.streams_per_key[key_id] += 1
         self.metrics.active_streams.set(self.active_streams)
         self._idle.clear()
 
     def stream_ended(self, key_id: str) -> None:
         self.active_streams -= 1
-        self.streams_per_key[key_id] -= 1
-        if self.streams_per_key[key_id] <= 0:
-            del self.streams_per_key[key_id]
         self.metrics.active_streams.set(self.active_streams)
         if self.active_streams == 0:
             self._idle.set()
@@ -136,6 +139,7 @@ async def drain(app: web.Application, timeout: float) -> bool:
     state.draining = True
     state.ready = False
     state.metrics.ready.set(0)
+    state.admission.close(ProtocolError(Code.DRAINING, "the server is shutting down; reconnect (another replica will take over)"))
     log.info("draining: %d replies running", state.active_streams)
     finished = await state.wait_idle(timeout)
     if not finished:
@@ -152,6 +156,7 @@ async def _close_connections(state: ServerState) -> None:
 async def _on_shutdown(app: web.Application) -> None:
     state = app[STATE]
     state.draining = True
+    state.admission.close(ProtocolError(Code.DRAINING, "the server is shutting down; reconnect (another replica will take over)"))
     await _close_connections(state)
 
 

@@ -40,11 +40,20 @@ class Limits(BaseModel):
     # default admits every history a server can hold (a failover replay is never refused).
     max_history_segments: int = Field(1000, ge=1, description="most segments a restore may carry")
     max_conversations_per_key: int = Field(64, ge=1, description="open conversation streams per API key")
-    max_streams_per_key: int = Field(16, ge=1, description="replies generating at once per API key")
+    max_streams_per_key: int = Field(16, ge=1, description="replies generating at once per API key (more wait in the queue)")
+    max_active_replies: int | None = Field(None, ge=1, description="replies generating at once in all (None: one per KV-cache slot)")
+    max_queued_replies: int = Field(256, ge=0, description="replies waiting for a place, in all (beyond: busy)")
+    max_queued_per_key: int = Field(64, ge=0, description="replies of one API key waiting for a place (beyond: busy)")
+    queue_timeout_s: float = Field(30.0, gt=0, description="longest a reply waits for a place before it is refused with busy")
+    reader_lag_s: float = Field(2.0, gt=0, description="how far a reader may fall behind real-time playback before it counts as behind")
     max_connections: int = Field(1024, ge=1, description="open WebSocket streams in all")
     retained_conversations: int = Field(1024, ge=1, description="detached conversations kept for a reconnect")
     idle_timeout_s: float = Field(1800.0, gt=0, description="a detached conversation is forgotten after this")
-    send_timeout_s: float = Field(10.0, gt=0, description="a reader that takes no audio for this long is dropped")
+    send_timeout_s: float = Field(10.0, gt=0, description="a reply whose reader stays behind this long ends with slow_consumer")
+    send_buffer_bytes: int = Field(
+        65536, ge=0, description="kernel send buffer of a stream's socket (0: the kernel's autotuning, up to megabytes "
+        "that hide a stalled reader for minutes of audio)"
+    )
 
 
 class VoiceConfig(BaseModel):

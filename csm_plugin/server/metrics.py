@@ -20,6 +20,10 @@ class Metrics:
         self.connections = Gauge("csm_open_connections", "open WebSocket conversation streams", registry=r)
         self.conversations = Gauge("csm_conversations", "conversations the server holds (attached or not)", registry=r)
         self.streams = Counter("csm_streams", "replies by outcome", ["outcome"], registry=r)
+        self.queued = Gauge("csm_queued_replies", "replies waiting for a place to generate", registry=r)
+        self.queue_wait = Histogram(
+            "csm_queue_wait_seconds", "from a speak request to its place (admitted replies)", buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.time_to_first_audio = Histogram(
             "csm_time_to_first_audio_seconds", "from a speak request to its first audio sent", buckets=_LATENCY_BUCKETS, registry=r
         )

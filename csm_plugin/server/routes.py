@@ -40,6 +40,7 @@ _STATUS = {
     Code.TOO_MANY_CONVERSATIONS: 429,
     Code.TOO_MANY_STREAMS: 429,
     Code.TOO_MANY_CONNECTIONS: 503,
+    Code.BUSY: 503,  # with Retry-After
     Code.DRAINING: 503,
     Code.NOT_READY: 503,
     Code.ENGINE_ERROR: 500,
@@ -47,11 +48,13 @@ _STATUS = {
 }
 
 
-def error_response(code: str, message: str, status: int | None = None) -> web.Response:
-    headers = {"WWW-Authenticate": 'Bearer realm="csm"'} if code == Code.UNAUTHORIZED else None
-    return web.json_response(
-        {"error": {"code": code, "message": message}}, status=status or _STATUS.get(code, 400), headers=headers
-    )
+def error_response(code: str, message: str, status: int | None = None, retry_after_s: float | None = None) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="csm"'} if code == Code.UNAUTHORIZED else {}
+    error = {"code": code, "message": message}
+    if retry_after_s is not None:
+        error["retry_after_s"] = retry_after_s
+        headers["Retry-After"] = str(max(1, round(retry_after_s)))
+    return web.json_response({"error": error}, status=status or _STATUS.get(code, 400), headers=headers or None)
 
 
 @web.middleware
@@ -62,7 +65,7 @@ async def error_middleware(request: web.Request, handler):
     try:
         response = await handler(request)
     except ProtocolError as e:
-        response = error_response(e.code, e.message)
+        response = error_response(e.code, e.message, retry_after_s=getattr(e, "retry_after_s", None))
     except web.HTTPRequestEntityTooLarge:
         response = error_response(Code.MESSAGE_TOO_BIG, f"the request body is over {state.limits.max_message_bytes} bytes")
     except web.HTTPException as e:
@@ -175,13 +178,13 @@ async def speech(request: web.Request) -> web.Response:
     if len(req.context) > state.limits.max_history_segments:
         raise ProtocolError(Code.HISTORY_TOO_LONG, f"at most {state.limits.max_history_segments} context segments")
     context = [segment_from_wire(state, item, allow_audio=True) for item in req.context]
-    if state.streams_per_key[principal.key_id] >= state.limits.max_streams_per_key:
-        raise ProtocolError(Code.TOO_MANY_STREAMS, f"at most {state.limits.max_streams_per_key} replies at once per API key")
 
+    start = time.perf_counter()
+    place = await state.admission.acquire(principal.key_id)  # Busy: 503 with Retry-After
+    state.metrics.queue_wait.observe(time.perf_counter() - start)
     conv = state.service.conversation(f"{principal.key_id}/\x00http-{secrets.token_hex(8)}")
     state.stream_started(principal.key_id)
     outcome = "error"
-    start = time.perf_counter()
     try:
         for segment, origin, audio in context:
             await add_turn(conv, segment, origin, audio)
@@ -192,6 +195,7 @@ async def speech(request: web.Request) -> web.Response:
             pcm.append(chunk.pcm)
         outcome = "completed"
     finally:
+        state.admission.release(place)
         state.stream_ended(principal.key_id)
         state.metrics.streams.labels(outcome).inc()
         with contextlib.suppress(Exception):

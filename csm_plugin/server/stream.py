@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -47,7 +48,6 @@ from .sessions import Session, add_turn, voice_segments
 log = logging.getLogger(__name__)
 
 CLOSE_SUPERSEDED = 4000  # another connection took this conversation over
-CLOSE_SLOW_READER = 4001
 
 
 async def conversation_stream(request: web.Request) -> web.StreamResponse:
@@ -73,13 +73,47 @@ async def conversation_stream(request: web.Request) -> web.StreamResponse:
         max_msg_size=state.limits.max_message_bytes, heartbeat=state.config.heartbeat_s, compress=False
     )
     await ws.prepare(request)
+    _cap_send_buffer(request, state.limits.send_buffer_bytes)
     connection = Connection(state, request, ws, principal, conversation_id)
     await connection.run()
     return ws
 
 
-class SlowReader(Exception):
-    pass
+def _cap_send_buffer(request: web.Request, size: int) -> None:
+    """A small kernel send buffer, so that a reader that stops reading shows up as a send that
+    waits within seconds of audio (autotuning would buffer megabytes first)."""
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if size and sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+class SlowConsumer(ProtocolError):
+    """The reader fell behind real time and stayed there (or gave its place to a waiting reply)."""
+
+    def __init__(self, message: str):
+        super().__init__(Code.SLOW_CONSUMER, message)
+
+
+class _Pacing:
+    """When the reader should have taken each chunk: an ideal player starts playing the first
+    chunk when it is ready and plays on at real time, waiting only when generation is late. A
+    chunk not taken by the socket `lag_s` after that player would have started it means the
+    reader is behind (it takes audio slower than real time, beyond what it may buffer)."""
+
+    def __init__(self, lag_s: float):
+        self.lag_s = lag_s
+        self.play_end: float | None = None
+
+    def due(self, now: float, generation_late: bool, duration_s: float) -> float:
+        """The deadline of a chunk of `duration_s` ready at `now`; generation_late: the reply
+        waited for it (generation set the pace, not the reader)."""
+        if self.play_end is None or (generation_late and now > self.play_end):
+            start = now
+        else:
+            start = self.play_end
+        self.play_end = start + duration_s
+        return start + self.lag_s
 
 
 class Connection:
@@ -92,9 +126,13 @@ class Connection:
         self.session: Session | None = None
         self.speak_task: asyncio.Task | None = None
         self.generating = False  # from a speak request until its audio ends
+        self.queued = False  # the reply waits for a place (admission.py)
         self.pending_interrupt: tuple[float | None, int] | None = None
         self.interrupted = False
-        self._stop_reason: ProtocolError | None = None  # why stop_speaking cut the reply (sent in its `done`)
+        self._stopping = False  # the reply is being stopped on purpose: it ends with its `done`
+        self._stop_reason: ProtocolError | None = None  # why (sent in that `done`), None: the client interrupted
+        self._yield_place = asyncio.Event()  # admission asks the reply to give its place up
+        self._behind_since: float | None = None  # the reader fell behind real time then
         self._send_lock = asyncio.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -141,7 +179,8 @@ class Connection:
         "interrupted", the error saying why); without one (the socket is gone) it is just cancelled."""
         task = self.speak_task
         if task is not None and not task.done():
-            self._stop_reason = reason
+            if reason is not None:
+                self._stopping, self._stop_reason = True, reason
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
@@ -201,7 +240,7 @@ class Connection:
 
     async def settle(self) -> None:
         """Refuse a request while a reply is generating; wait out one that is just finishing."""
-        if self.generating and self.session is not None and self.session.conv.speaking:
+        if self.generating and self.session is not None and (self.session.conv.speaking or self.queued):
             raise ProtocolError(Code.BUSY, "a reply is in progress; wait for 'done' or send 'interrupt'")
         if self.speak_task is not None and not self.speak_task.done():
             with contextlib.suppress(BaseException):
@@ -297,7 +336,10 @@ class Connection:
         conv = self.session.conv
         if self.generating:
             self.interrupted = True
-            if conv.speaking:
+            if self.queued:  # still waiting for a place: it never starts (its `done` follows)
+                self._stopping, self._stop_reason = True, None
+                self.speak_task.cancel()
+            elif conv.speaking:
                 await conv.interrupt(message.played_ms, replies=message.replies)
             else:  # the reply has not started: stop it at its first frame
                 self.pending_interrupt = (message.played_ms, message.replies)
@@ -312,26 +354,57 @@ class Connection:
         if state.draining:
             raise ProtocolError(Code.DRAINING, "the server is shutting down; reconnect (another replica will take over)")
         check_text(state, message.text)
-        if state.streams_per_key[self.key_id] >= state.limits.max_streams_per_key:
-            raise ProtocolError(Code.TOO_MANY_STREAMS, f"at most {state.limits.max_streams_per_key} replies at once per API key")
-        self.generating = True
-        self.interrupted = False
-        self.pending_interrupt = None
-        state.stream_started(self.key_id)
+        self.generating = self.queued = True
+        self.interrupted = self._stopping = False
+        self.pending_interrupt = self._stop_reason = self._behind_since = None
+        self._yield_place = asyncio.Event()
         self.speak_task = asyncio.create_task(self._reply(message, self.session))
 
     # --- one reply -----------------------------------------------------------------------
 
     async def _reply(self, message: Speak, session: Session) -> None:
+        """Wait for a place (admission.py), then generate and send; exactly one `done` unless the
+        reply was refused before it started (an `error`) or the socket went away."""
+        state = self.state
+        queued_at = time.perf_counter()
+        try:
+            place = await state.admission.acquire(self.key_id, self._yield_place.set)
+        except asyncio.CancelledError:
+            self.generating = self.queued = False
+            if not self._stopping:
+                raise
+            asyncio.current_task().uncancel()  # interrupted (or superseded) while it waited
+            await self._done(message.id, "interrupted", self._take_stop_reason(), 0)
+            return
+        except ProtocolError as e:  # busy (with a retry-after hint) or draining: refused, no `done`
+            self.generating = self.queued = False
+            await self.send_error(message.id, e.code, e.message, retry_after_s=getattr(e, "retry_after_s", None))
+            return
+        self.queued = False
+        state.metrics.queue_wait.observe(time.perf_counter() - queued_at)
+        state.stream_started(self.key_id)
+        try:
+            await self._generate(message, session, place)
+        finally:
+            state.admission.release(place)  # (released already when generation ended)
+
+    def _take_stop_reason(self) -> ProtocolError | None:
+        reason, self._stop_reason, self._stopping = self._stop_reason, None, False
+        return reason
+
+    async def _generate(self, message: Speak, session: Session, place) -> None:
         state, metrics, conv = self.state, self.state.metrics, session.conv
+        loop = asyncio.get_running_loop()
         start = time.perf_counter()
         first = last = None
         frames = 0
         outcome, error = "completed", None
+        pacing = _Pacing(state.limits.reader_lag_s)
         try:
             options = message.options
             stream = conv.speak(message.text, options, max_audio_ms=reply_ms(state, message.text, options.max_audio_ms))
             async with contextlib.aclosing(stream):
+                pulled = loop.time()
                 async for chunk in stream:
                     now = time.perf_counter()
                     if first is None:
@@ -340,24 +413,25 @@ class Connection:
                     else:
                         metrics.frame_interval.observe((now - last) / max(1, chunk.num_frames))
                     last = now
+                    ready = loop.time()
+                    due = pacing.due(ready, ready - pulled > 0.001, chunk.num_frames * FRAME_MS / 1000)
                     frames += chunk.num_frames  # delivered: its header and PCM go out whatever happens next
-                    await self.send_chunk(message.id, chunk)
+                    await self.send_chunk(message.id, chunk, due, place)
                     if self.pending_interrupt is not None:
                         (played_ms, replies), self.pending_interrupt = self.pending_interrupt, None
                         await conv.interrupt(played_ms, replies=replies)
+                    pulled = loop.time()
             if self.interrupted:
                 outcome = "interrupted"
         except asyncio.CancelledError:
-            if self._stop_reason is None:  # the socket went away (or the task was cancelled from outside)
+            if not self._stopping:  # the socket went away (or the task was cancelled from outside)
                 outcome = "cancelled"
                 raise
             asyncio.current_task().uncancel()  # stopped on purpose: the client still gets its `done`
-            outcome, error, self._stop_reason = "interrupted", self._stop_reason, None
-        except SlowReader:
-            outcome = "slow_reader"
-            metrics.errors.labels(Code.SLOW_READER).inc()
-            log.info("dropping a reader that took no audio for %.0f s", state.limits.send_timeout_s)
-            self._abort()
+            outcome, error = "interrupted", self._take_stop_reason()
+        except SlowConsumer as e:
+            outcome, error = "slow_consumer", e
+            log.info("ended a reply after %d frames: %s", frames, e)
         except CSMError as e:
             outcome, error = "error", e
         except ConnectionError:  # the socket went away while sending
@@ -367,14 +441,16 @@ class Connection:
             outcome, error = "error", e
         finally:
             self.generating = False
+            self._behind_since = None
+            state.admission.release(place)  # now, not after the `done`, which may wait for a slow socket
             state.stream_ended(self.key_id)
             metrics.streams.labels(outcome).inc()
             if frames:
                 seconds = frames * FRAME_MS / 1000
                 metrics.audio_seconds.inc(seconds)
                 metrics.real_time_factor.observe((time.perf_counter() - start) / seconds)
-        if outcome in ("completed", "interrupted", "error"):
-            await self._done(message.id, outcome, error, frames)
+        if outcome in ("completed", "interrupted", "error", "slow_consumer"):
+            await self._done(message.id, "error" if outcome == "slow_consumer" else outcome, error, frames)
 
     async def _done(self, rid, outcome: str, error: BaseException | None, frames: int) -> None:
         if error is not None:
@@ -397,37 +473,59 @@ class Connection:
                 payload["events"] = events_out(session.take_events()) if session is not None else []
             await self.ws.send_str(dumps(payload))
 
-    async def send_error(self, rid: int | None, code: str, message: str) -> None:
+    async def send_error(self, rid: int | None, code: str, message: str, retry_after_s: float | None = None) -> None:
         self.state.metrics.errors.labels(code).inc()
+        payload = {"type": "error", "re": rid, "code": code, "message": message}
+        if retry_after_s is not None:
+            payload["retry_after_s"] = retry_after_s
         with contextlib.suppress(ConnectionError):
-            await self.send({"type": "error", "re": rid, "code": code, "message": message})
+            await self.send(payload)
 
-    async def send_chunk(self, rid: int | None, chunk: AudioChunk) -> None:
-        """The chunk's header, then its PCM. A reader that takes nothing for send_timeout_s is
-        dropped (backpressure: until then, sending waits for the socket to drain).
+    async def send_chunk(self, rid: int | None, chunk: AudioChunk, due: float, place) -> None:
+        """The chunk's header, then its PCM, sent by a task of its own: stopping the reply while it
+        waits for the socket never splits a header from its PCM, and a chunk once started counts
+        as delivered (the `done` that follows waits for it under the send lock).
 
-        The pair is sent by a task of its own: stopping the reply while it waits for the socket
-        never splits a header from its PCM, and a chunk once started counts as delivered (the
-        `done` that follows waits for it under the send lock)."""
-        header = dumps(chunk_header(rid, chunk))
-        pair = asyncio.ensure_future(self._send_pair(header, chunk.data))
+        Backpressure: this waits until the socket takes the chunk, so the reply is not pulled
+        and its generation pauses. A socket that has not taken it by `due` (see _Pacing) means
+        the reader is behind: the reply leaves the batch (the engine skips a stream its listener
+        does not drain) and, if another reply waits for a place, gives its place up at once;
+        otherwise it may stay behind up to send_timeout_s. Either way it ends with SlowConsumer."""
+        pair = asyncio.ensure_future(self._send_pair(dumps(chunk_header(rid, chunk)), chunk.data))
         try:
-            await asyncio.wait_for(asyncio.shield(pair), self.state.limits.send_timeout_s)
-        except asyncio.TimeoutError:
-            raise SlowReader() from None
-        finally:
-            if not pair.done():  # left behind: finish it (or fail quietly when the socket goes)
-                pair.add_done_callback(_quiet)
+            await self._wait_sent(pair, due, place)
+        finally:  # if left behind, it finishes (or fails quietly when the socket goes)
+            pair.add_done_callback(_quiet)
+
+    async def _wait_sent(self, pair: asyncio.Future, due: float, place) -> None:
+        loop = asyncio.get_running_loop()
+        limit = self.state.limits.send_timeout_s
+        while True:
+            deadline = due if self._behind_since is None else self._behind_since + limit
+            yielded = asyncio.ensure_future(self._yield_place.wait())
+            try:
+                await asyncio.wait({pair, yielded}, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                yielded.cancel()
+            if pair.done():
+                pair.result()  # a ConnectionError if the socket went away
+                if self._behind_since is not None and loop.time() <= due:  # caught up
+                    self._behind_since = None
+                    self.state.admission.set_behind(place, False)
+                return
+            if self._yield_place.is_set():
+                raise SlowConsumer("the reader fell behind real time and another reply needed the place")
+            if self._behind_since is None:
+                self._behind_since = loop.time()
+                self.state.admission.set_behind(place, True)  # may ask for the place at once
+            elif loop.time() >= deadline:
+                raise SlowConsumer(f"the reader stayed behind real time for {limit:g} s")
 
     async def _send_pair(self, header: str, data: bytes) -> None:
         async with self._send_lock:
             await self.ws.send_str(header)
             await self.ws.send_bytes(data)
 
-    def _abort(self) -> None:
-        transport = self.request.transport
-        if transport is not None:
-            transport.abort()
 
 
 def _quiet(task: asyncio.Future) -> None:
