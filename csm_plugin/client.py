@@ -122,6 +122,7 @@ class RemoteEngineError(RemoteError, EngineError):
 
 _ERRORS: dict[str, type[RemoteError]] = {
     Code.UNAUTHORIZED: AuthenticationError,
+    Code.TOO_MANY_AUTH_FAILURES: AuthenticationError,
     Code.BAD_MESSAGE: RemoteInputError,
     Code.INVALID_INPUT: RemoteInputError,
     Code.TEXT_TOO_LONG: RemoteInputError,
@@ -176,9 +177,14 @@ class RemoteBackend:
     """SpeechBackend over a csm-plugin server (or a load balancer in front of several).
 
     url: http(s)://host:port[/prefix]. api_key: defaults to $CSM_API_KEY. Options:
-    connect_timeout, request_timeout (one request, e.g. encoding a long segment), reconnect_timeout
-    (how long a request keeps trying new sockets), ready_timeout (start() waits for a ready
-    server), heartbeat (WebSocket ping interval), retry_initial / retry_max (backoff, seconds)."""
+    connect_timeout, request_timeout (one request, e.g. encoding a long segment, or a reply's first
+    audio, which may wait in the server's queue), read_timeout (the longest silence between two
+    messages of a reply, and of any HTTP read: then the socket is dropped and the reply restarted
+    if nothing was heard, else ConnectionLostError), reconnect_timeout (how long a request keeps
+    trying new sockets, or waiting out a busy server), ready_timeout (start() waits for a ready
+    server), heartbeat (WebSocket ping interval), retry_initial / retry_max (backoff, seconds),
+    ssl (for https:// and wss://: an ssl.SSLContext that trusts a private CA, say; default: the
+    system's trust store)."""
 
     def __init__(
         self,
@@ -187,11 +193,13 @@ class RemoteBackend:
         *,
         connect_timeout: float = 10.0,
         request_timeout: float = 120.0,
+        read_timeout: float = 30.0,
         reconnect_timeout: float = 30.0,
         ready_timeout: float = 60.0,
         heartbeat: float = 20.0,
         retry_initial: float = 0.05,
         retry_max: float = 2.0,
+        ssl: Any = True,
     ):
         url = url.rstrip("/")
         for ws, http in (("ws://", "http://"), ("wss://", "https://")):
@@ -203,11 +211,13 @@ class RemoteBackend:
         self.api_key = api_key if api_key is not None else os.environ.get("CSM_API_KEY")
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
+        self.read_timeout = read_timeout
         self.reconnect_timeout = reconnect_timeout
         self.ready_timeout = ready_timeout
         self.heartbeat = heartbeat
         self.retry_initial = retry_initial
         self.retry_max = retry_max
+        self.ssl = ssl
         self.info: dict[str, Any] = {}
         self._http: aiohttp.ClientSession | None = None
         self._conversations: dict[str, RemoteConversation] = {}
@@ -219,7 +229,10 @@ class RemoteBackend:
     async def start(self) -> RemoteBackend:
         """Open the HTTP session and wait (up to ready_timeout) for a ready server that takes the key."""
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout))
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self.ssl),
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout, sock_read=self.read_timeout),
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ready_timeout
         delay, last = self.retry_initial, None
@@ -391,7 +404,12 @@ class RemoteConversation(HistoryView):
                     continue
                 restart = None
                 while restart is None:
-                    kind, *item = await stream.queue.get()
+                    wait = self.backend.read_timeout if stream.delivered_frames else self.backend.request_timeout
+                    try:
+                        kind, *item = await asyncio.wait_for(stream.queue.get(), wait)
+                    except asyncio.TimeoutError:  # a server that went silent: this socket is done for
+                        kind, item = "lost", [f"no message from the server within {wait:g} s"]
+                        await self._drop()
                     if kind == "chunk":
                         (chunk,) = item
                         stream.delivered_frames += chunk.num_frames
@@ -401,6 +419,10 @@ class RemoteConversation(HistoryView):
                     elif kind == "done":
                         stream.ended = True
                         error = item[0].get("error")
+                        if error and error["code"] in (Code.DRAINING, Code.SUPERSEDED):
+                            # cut by the server's shutdown or by another socket: the history keeps
+                            # what was sent (the done's events), the rest of the reply is lost
+                            raise ConnectionLostError(f"the reply was cut: {error['message']}", error["code"])
                         if error:
                             raise remote_error(error["code"], error["message"])
                         return

@@ -20,8 +20,10 @@ from test_server_support import (
     Nginx,
     ServerProcess,
     Stream,
+    free_port,
     metric_value,
     nginx_binary,
+    nginx_conf_for_test,
     poll,
     scrape,
     wait_ready,
@@ -124,7 +126,7 @@ async def _failover(procs, nginx):
 
         await conv.add_segment(1, "Caller turn 2, after the crash.")
         chunks = [c async for c in conv.speak("Agent turn 2, on the other server.", seed=2, max_audio_ms=320)]
-        assert len(chunks) == 4 and conv.replays == 1 and len(conv.history) == 6
+        assert sum(c.num_frames for c in chunks) == 4 and conv.replays == 1 and len(conv.history) == 6
         assert metric_value(await scrape(s, other.url), "csm_conversations") == 1
         # the surviving server holds exactly the client's history: same digest
         await backend.close()
@@ -170,7 +172,7 @@ def test_deploy_examples_are_valid(tmp_path):
 
     yaml = pytest.importorskip("yaml")
 
-    conf = (REPO / "docs" / "deploy" / "nginx.conf").read_text()
+    conf = nginx_conf_for_test((REPO / "docs" / "deploy" / "nginx.conf").read_text(), tmp_path, free_port(), free_port())
     (tmp_path / "nginx.conf").write_text(conf)
     result = subprocess.run([nginx_binary(), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
                              "-e", str(tmp_path / "err.log"), "-g", f"pid {tmp_path / 'pid'};"],
@@ -181,5 +183,34 @@ def test_deploy_examples_are_valid(tmp_path):
     assert {("StatefulSet", "csm-server"), ("Service", "csm-servers"), ("Deployment", "csm-nginx")} <= kinds
     headless = next(d for d in docs if d["metadata"]["name"] == "csm-servers")
     assert headless["spec"]["clusterIP"] == "None"
-    nginx_conf = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["nginx.conf"]
+    nginx_conf = next(d for d in docs if d["metadata"]["name"] == "csm-nginx")["data"]["nginx.conf"]
     assert "hash $csm_hash_key consistent;" in nginx_conf
+    assert "listen 8443 ssl" in nginx_conf and "ssl_certificate " in nginx_conf  # TLS for clients
+
+
+@needs_nginx
+def test_tls_at_nginx(servers, workdir):
+    """Clients speak wss:// to nginx (docs/deploy/nginx.conf's TLS listener); nginx to the server is HTTP."""
+    import ssl
+
+    (proc,) = servers(1)
+    nginx = Nginx(workdir, [proc.port])
+    try:
+        nginx.wait_listening()
+
+        async def main():
+            await wait_ready(proc.url)
+            trust = ssl.create_default_context(cafile=str(nginx.cert_file))
+            backend = await RemoteBackend(nginx.tls_url, api_key=KEY, ssl=trust).start()
+            conv = backend.conversation("call-tls")
+            await conv.add_segment(1, "Is this line secure?")
+            chunks = [c async for c in conv.speak("It is encrypted.", seed=1, max_audio_ms=240)]
+            assert sum(c.num_frames for c in chunks) == 3 and len(conv.history) == 2
+            await backend.close()
+            async with aiohttp.ClientSession() as s:  # plain HTTP on the TLS port is refused
+                async with s.get(f"http://127.0.0.1:{nginx.tls_port}/healthz") as r:
+                    assert r.status == 400
+
+        run(main())
+    finally:
+        nginx.stop()

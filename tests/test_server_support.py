@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from csm_plugin.server.app import STATE, create_app
+from csm_plugin.server.app import STATE, create_app, make_site, runner_options, url_scheme
 from csm_plugin.server.config import ServerConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,15 +37,16 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def running_server(checkpoint, port: int = 0, **overrides):
-    """An app on 127.0.0.1 in this event loop; yields (base url, ServerState) once ready."""
+    """An app on 127.0.0.1 in this event loop, listening as `csm-plugin serve` does (timeouts,
+    TLS); yields (base url, ServerState) once ready."""
     overrides.setdefault("api_keys", [KEY, OTHER_KEY])
     config = ServerConfig.load(environ={}, model=str(checkpoint), **overrides)
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, **runner_options(config))
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
+    site = make_site(runner, config, "127.0.0.1", port)
     await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    url = f"{url_scheme(config)}://127.0.0.1:{runner.addresses[0][1]}"
     state = app[STATE]
     try:
         await poll(lambda: state.ready or state.load_error is not None, timeout=60)
@@ -111,13 +112,19 @@ class Stream:
         return reply
 
     async def reply(self, first_chunk=None, **speak) -> tuple[list[dict], list[bytes], dict]:
-        """Send speak (unless already sent) and read its chunks up to `done`."""
+        """Send speak (unless already sent) and read its chunks up to `done`: the headers and PCM
+        of the chunks with audio (a final chunk that carries only words is checked and left out)."""
         if first_chunk is None:
             await self.send(type="speak", **speak)
         headers, pcm = [], []
+        words_only = False
         while True:
             msg = await self.ws.receive(timeout=60)
             if msg.type == aiohttp.WSMsgType.BINARY:
+                if words_only:
+                    assert msg.data == b""
+                    words_only = False
+                    continue
                 assert headers and len(msg.data) == 2 * headers[-1]["samples"]
                 pcm.append(msg.data)
                 if first_chunk is not None:
@@ -125,7 +132,9 @@ class Stream:
                 continue
             assert msg.type == aiohttp.WSMsgType.TEXT, msg
             data = json.loads(msg.data)
-            if data["type"] == "chunk":
+            if data["type"] == "chunk" and data["samples"] == 0:
+                words_only = True
+            elif data["type"] == "chunk":
                 headers.append(data)
             elif data["type"] == "done":
                 return headers, pcm, data
@@ -155,7 +164,7 @@ class ServerProcess:
     def wait_listening(self, timeout: float = 60) -> int:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", self.log_path.read_text())
+            match = re.search(r"listening on https?://127\.0\.0\.1:(\d+)", self.log_path.read_text())
             if match:
                 self.port = int(match.group(1))
                 return self.port
@@ -200,21 +209,61 @@ def nginx_binary() -> str | None:
     return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
 
 
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 / localhost and its key: (tls.crt, tls.key) in `directory`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "csm test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def nginx_conf_for_test(conf: str, directory: Path, port: int, tls_port: int) -> str:
+    """docs/deploy/nginx.conf with its listen addresses on loopback and its certificate made here."""
+    cert_file, key_file = self_signed(directory / "tls")
+    conf, n = re.subn(r"listen 8080\b", f"listen 127.0.0.1:{port}", conf)
+    assert n == 1
+    conf, n = re.subn(r"listen 8443\b", f"listen 127.0.0.1:{tls_port}", conf)
+    assert n == 1
+    return conf.replace("/etc/nginx/tls/tls.crt", str(cert_file)).replace("/etc/nginx/tls/tls.key", str(key_file))
+
+
 class Nginx:
-    """nginx running docs/deploy/nginx.conf with the given upstream ports, on a free port."""
+    """nginx running docs/deploy/nginx.conf with the given upstream ports, on free ports (plain
+    HTTP on `port`, TLS with a self-signed certificate, `cert_file`, on `tls_port`)."""
 
     def __init__(self, workdir: Path, upstream_ports: list[int]):
         binary = nginx_binary()
         assert binary, "nginx is not installed"
         self.port = free_port()
+        self.tls_port = free_port()
         self.dir = workdir / "nginx"
         self.dir.mkdir(exist_ok=True)
+        self.cert_file = self.dir / "tls" / "tls.crt"
         conf = (REPO / "docs" / "deploy" / "nginx.conf").read_text()
         servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;" for p in upstream_ports)
         conf, n = re.subn(r"(# BEGIN csm servers[^\n]*\n).*?(\n\s*# END csm servers)", lambda m: m.group(1) + servers + m.group(2), conf, flags=re.S)
         assert n == 1
-        conf, n = re.subn(r"listen 8080;", f"listen 127.0.0.1:{self.port};", conf)
-        assert n == 1
+        conf = nginx_conf_for_test(conf, self.dir, self.port, self.tls_port)
         conf = conf.replace("worker_processes auto;", "worker_processes 1;")
         for temp in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.dir / temp).mkdir(exist_ok=True)
@@ -230,6 +279,10 @@ class Nginx:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"https://127.0.0.1:{self.tls_port}"
 
     def wait_listening(self, timeout: float = 20) -> None:
         deadline = time.time() + timeout

@@ -37,6 +37,7 @@ class Code:
     """Stable error codes (the `code` of an `error` message or of an HTTP error body)."""
 
     UNAUTHORIZED = "unauthorized"
+    TOO_MANY_AUTH_FAILURES = "too_many_auth_failures"  # this address failed to authenticate too often
     BAD_MESSAGE = "bad_message"
     MESSAGE_TOO_BIG = "message_too_big"
     TEXT_TOO_LONG = "text_too_long"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 
 from aiohttp import web
@@ -18,7 +19,7 @@ from ..audio import read_mono
 from ..conversation.protocol import Code, ProtocolError
 from ..service import CSMService
 from .admission import Admission
-from .auth import KeyRing
+from .auth import AuthThrottle, KeyRing
 from .config import ServerConfig
 from .metrics import Metrics
 from .sessions import Sessions
@@ -35,6 +36,10 @@ class ServerState:
         self.config = config
         self.limits = config.limits
         self.keys = KeyRing(config.keys(), require=not config.allow_no_auth)
+        self.auth_throttle = AuthThrottle(config.auth_failures_per_minute)
+        self.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
+        self.metrics_runner: web.AppRunner | None = None
+        self.metrics_port: int | None = None  # where /metrics is served when it has a port of its own
         self.metrics = Metrics()
         self.owns_service = service is None
         self.service = service or CSMService(
@@ -126,10 +131,63 @@ def create_app(config: ServerConfig, *, service: CSMService | None = None) -> we
     return app
 
 
+def runner_options(config: ServerConfig) -> dict:
+    """Keyword arguments for the app's web.AppRunner. aiohttp's keep-alive timer also runs from
+    the moment a connection is accepted and closes it if no whole request has arrived by then:
+    that is the header timeout before authentication (a slow or half-open client is dropped)."""
+    return {"keepalive_timeout": config.limits.header_timeout_s}
+
+
+class _Site(web.TCPSite):
+    """A TCP site whose TLS handshake must end within the header timeout (asyncio's default is 60 s)."""
+
+    def __init__(self, runner, host, port, *, ssl_context, handshake_timeout: float):
+        super().__init__(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        kwargs = {"ssl_handshake_timeout": self._handshake_timeout} if self._ssl_context is not None else {}
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server, self._host, self._port, ssl=self._ssl_context, reuse_address=True, **kwargs
+        )
+
+
+def make_site(runner: web.AppRunner, config: ServerConfig, host: str | None = None, port: int | None = None) -> web.TCPSite:
+    """The listening site for `runner`: HTTPS/WSS when the config has a certificate and key."""
+    return _Site(runner, host or config.host, config.port if port is None else port,
+                 ssl_context=config.ssl_context(), handshake_timeout=config.limits.header_timeout_s)
+
+
+def url_scheme(config: ServerConfig) -> str:
+    return "https" if config.tls else "http"
+
+
 async def _on_startup(app: web.Application) -> None:
     state = app[STATE]
     state._tasks.append(asyncio.create_task(state.load(), name="csm-load"))
     state._tasks.append(asyncio.create_task(state.sessions.run_sweeper(), name="csm-sweeper"))
+    if state.config.metrics_port is not None:
+        await _serve_metrics(state)
+
+
+async def _serve_metrics(state: ServerState) -> None:
+    """/metrics on a port of its own (metrics_host, default the main host), plain HTTP, so that
+    it can be bound to an internal address and never reaches the public listener."""
+    from .routes import error_middleware, metrics
+
+    config = state.config
+    metrics_app = web.Application(middlewares=[error_middleware])
+    metrics_app[STATE] = state
+    metrics_app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(metrics_app, access_log=None, **runner_options(config))
+    await runner.setup()
+    host = config.metrics_host or config.host
+    site = web.TCPSite(runner, host, config.metrics_port, reuse_address=True)
+    await site.start()
+    state.metrics_runner = runner
+    state.metrics_port = runner.addresses[0][1] if runner.addresses else config.metrics_port
+    log.info("metrics on http://%s:%d/metrics", host, state.metrics_port)
 
 
 async def drain(app: web.Application, timeout: float) -> bool:
@@ -162,6 +220,8 @@ async def _on_shutdown(app: web.Application) -> None:
 
 async def _on_cleanup(app: web.Application) -> None:
     state = app[STATE]
+    if state.metrics_runner is not None:
+        await state.metrics_runner.cleanup()
     for task in state._tasks:
         task.cancel()
     await asyncio.gather(*state._tasks, return_exceptions=True)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from ..errors import CSMError
 
@@ -50,6 +51,14 @@ class Limits(BaseModel):
     retained_conversations: int = Field(1024, ge=1, description="detached conversations kept for a reconnect")
     idle_timeout_s: float = Field(1800.0, gt=0, description="a detached conversation is forgotten after this")
     send_timeout_s: float = Field(10.0, gt=0, description="a reply whose reader stays behind this long ends with slow_consumer")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must finish its TLS handshake and request headers within this "
+        "(before any authentication), and an idle keep-alive connection is closed after it"
+    )
+    stream_idle_timeout_s: float | None = Field(
+        600.0, gt=0, description="a conversation stream with no client message and no reply for this long is closed "
+        "(code 4002; the client reopens it on its next request); None: never"
+    )
     send_buffer_bytes: int = Field(
         65536, ge=0, description="kernel send buffer of a stream's socket (0: the kernel's autotuning, up to megabytes "
         "that hide a stalled reader for minutes of audio)"
@@ -83,6 +92,18 @@ class ServerConfig(BaseModel):
     api_keys_file: Path | None = None
     allow_no_auth: bool = False
     metrics_require_auth: bool = False
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics on this port (on metrics_host) and not on the main port"
+    )
+    metrics_host: str | None = Field(None, description="address for metrics_port (default: host)")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve HTTPS/WSS (with tls_key_file)")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    auth_failures_per_minute: int = Field(
+        30, ge=1, description="failed authentications one client address may make in a minute; then 429 for a minute"
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses/networks of proxies (nginx) whose X-Forwarded-For names the client"
+    )
     voices: list[VoiceConfig] = Field(default_factory=list)
     warmup: bool = True
     drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM: how long running replies may take to finish")
@@ -95,6 +116,36 @@ class ServerConfig(BaseModel):
         if not host:
             raise ValueError("host is empty")
         return host
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            ipaddress.ip_network(proxy, strict=False)  # ValueError names the bad one
+        return proxies
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file (CSM_TLS_CERT_FILE, CSM_TLS_KEY_FILE)")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context (TLS 1.2 or later), or None without TLS; ConfigError if the
+        certificate or key cannot be loaded."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"cannot load the TLS certificate {self.tls_cert_file} / key {self.tls_key_file}: {e}") from e
+        return context
 
     @property
     def binds_loopback_only(self) -> bool:
@@ -111,6 +162,14 @@ class ServerConfig(BaseModel):
         if self.api_keys_file is not None:
             keys += read_keys_file(self.api_keys_file)
         keys = [k for k in keys if k]
+        if keys and self.allow_no_auth:
+            sources = [what for what, given in (
+                ("api_keys (CSM_API_KEYS or the config file)", self.api_keys), (f"the keys file {self.api_keys_file}", self.api_keys_file),
+            ) if given]
+            raise ConfigError(
+                f"--no-auth (allow_no_auth) but {len(keys)} API key(s) are configured in {' and '.join(sources)}: "
+                "refusing to start rather than ignore them; remove the keys or drop --no-auth"
+            )
         if not keys and not self.allow_no_auth:
             raise ConfigError(
                 "no API keys: set CSM_API_KEYS (comma-separated), CSM_API_KEYS_FILE or --api-keys-file; "
@@ -161,6 +220,10 @@ _ENV_FIELDS = {
     "TORCH_THREADS": "torch_threads",
     "MAX_CACHED_CONVERSATIONS": "max_cached_conversations",
     "DRAIN_TIMEOUT_S": "drain_timeout_s",
+    "TLS_CERT_FILE": "tls_cert_file",
+    "TLS_KEY_FILE": "tls_key_file",
+    "METRICS_PORT": "metrics_port",
+    "METRICS_HOST": "metrics_host",
 }
 
 

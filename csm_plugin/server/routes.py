@@ -29,13 +29,14 @@ from ..conversation.types import FRAME_MS, SAMPLE_RATE, Segment
 from ..engine import max_frames_for_text
 from ..errors import CSMError
 from .app import STATE, ServerState
-from .auth import Principal
+from .auth import Principal, client_address
 from .sessions import add_turn, worker_alive
 
 log = logging.getLogger(__name__)
 
 _STATUS = {
     Code.UNAUTHORIZED: 401,
+    Code.TOO_MANY_AUTH_FAILURES: 429,  # with Retry-After
     Code.MESSAGE_TOO_BIG: 413,
     Code.TOO_MANY_CONVERSATIONS: 429,
     Code.TOO_MANY_STREAMS: 429,
@@ -87,8 +88,20 @@ async def error_middleware(request: web.Request, handler):
 
 
 def authenticate(request: web.Request) -> Principal:
-    principal = request.app[STATE].keys.authenticate(request.headers.get("Authorization"))
+    """The request's principal. An address that failed too often lately is refused (429) without
+    its key being looked at, so that keys cannot be guessed at speed."""
+    state = request.app[STATE]
+    if not state.keys.require:
+        return state.keys.authenticate(None)
+    address = client_address(request.remote, request.headers.get("X-Forwarded-For"), state.trusted_proxies)
+    wait = state.auth_throttle.retry_after_s(address)
+    if wait is not None:
+        error = ProtocolError(Code.TOO_MANY_AUTH_FAILURES, "too many failed authentications from this address; try later")
+        error.retry_after_s = round(wait)
+        raise error
+    principal = state.keys.authenticate(request.headers.get("Authorization"))
     if principal is None:
+        state.auth_throttle.failed(address)
         raise ProtocolError(Code.UNAUTHORIZED, "missing or invalid API key: send 'Authorization: Bearer <key>'")
     return principal
 
@@ -224,6 +237,7 @@ def wav_bytes(pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    if app[STATE].config.metrics_port is None:  # else on its own port (app.py)
+        app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/info", info)
     app.router.add_post("/v1/speech", speech)

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from ..errors import CSMError
 from ..threads import configure_threads
-from .app import STATE, create_app, drain
+from .app import STATE, create_app, drain, make_site, runner_options, url_scheme
 from .config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -52,21 +52,21 @@ async def serve(config: ServerConfig, *, started=None) -> int:
     app = create_app(config)
     state = app[STATE]
     runner = web.AppRunner(app, handle_signals=False, access_log=logging.getLogger("aiohttp.access"),
-                           access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=5.0)
+                           access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=5.0, **runner_options(config))
     load_filter = _NoTracebackForCSMErrors()
     logging.getLogger("csm_plugin.server.app").addFilter(load_filter)
     loading_since = time.perf_counter()
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     try:
+        site = make_site(runner, config)  # HTTPS/WSS with tls_cert_file and tls_key_file
         await site.start()
-    except OSError as e:
+    except (OSError, CSMError) as e:
         await runner.cleanup()
         logging.getLogger("csm_plugin.server.app").removeFilter(load_filter)
-        print(f"error: cannot listen on {config.host}:{config.port}: {e.strerror or e}", file=sys.stderr, flush=True)
+        print(f"error: cannot listen on {config.host}:{config.port}: {getattr(e, 'strerror', None) or e}", file=sys.stderr, flush=True)
         return LOAD_FAILED
     port = runner.addresses[0][1] if runner.addresses else config.port
-    url = f"http://{config.host}:{port}"
+    url = f"{url_scheme(config)}://{config.host}:{port}"
     print(f"csm-plugin server listening on {url} (model {config.model} on {config.device}, {threads} CPU thread(s)); "
           "loading the model...", flush=True)
     if started is not None:

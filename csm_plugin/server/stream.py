@@ -48,6 +48,7 @@ from .sessions import Session, add_turn, voice_segments
 log = logging.getLogger(__name__)
 
 CLOSE_SUPERSEDED = 4000  # another connection took this conversation over
+CLOSE_IDLE = 4002  # no client message and no reply for stream_idle_timeout_s (the client reopens on demand)
 
 
 async def conversation_stream(request: web.Request) -> web.StreamResponse:
@@ -68,7 +69,7 @@ async def conversation_stream(request: web.Request) -> web.StreamResponse:
                 f"at most {state.limits.max_conversations_per_key} open conversations per API key",
             )
     except ProtocolError as e:  # (counted by the error middleware)
-        return error_response(e.code, e.message)
+        return error_response(e.code, e.message, retry_after_s=getattr(e, "retry_after_s", None))
     ws = web.WebSocketResponse(
         max_msg_size=state.limits.max_message_bytes, heartbeat=state.config.heartbeat_s, compress=False
     )
@@ -133,6 +134,7 @@ class Connection:
         self._stop_reason: ProtocolError | None = None  # why (sent in that `done`), None: the client interrupted
         self._yield_place = asyncio.Event()  # admission asks the reply to give its place up
         self._behind_since: float | None = None  # the reader fell behind real time then
+        self._last_active = 0.0  # loop time of the last client message or reply activity (idle timeout)
         self._send_lock = asyncio.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -142,9 +144,23 @@ class Connection:
         state.connections.add(self)
         state.connections_per_key[self.key_id] += 1
         state.metrics.connections.set(len(state.connections))
+        loop = asyncio.get_running_loop()
+        idle_s = state.limits.stream_idle_timeout_s
+        self._last_active = loop.time()
         try:
             while not self.ws.closed:
-                msg = await self.ws.receive()
+                try:
+                    msg = await self.ws.receive(timeout=None if idle_s is None else max(0.05, self._last_active + idle_s - loop.time()))
+                except asyncio.TimeoutError:
+                    if self.generating or (self.speak_task is not None and not self.speak_task.done()):
+                        self._last_active = loop.time()  # a reply is running: not idle
+                    elif loop.time() - self._last_active >= idle_s:
+                        log.info("closing a stream idle for %.0f s", idle_s)
+                        with contextlib.suppress(Exception):
+                            await self.ws.close(code=CLOSE_IDLE, message=b"idle")
+                        break
+                    continue
+                self._last_active = loop.time()
                 if msg.type == WSMsgType.TEXT:
                     try:
                         await self.handle(msg.data)
