@@ -21,7 +21,7 @@ import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -87,6 +87,7 @@ class CSMService:
         self.chunk_frames = chunk_frames
         self._context_budget = context_budget
         self._worker: InferenceWorker | None = None
+        self._encoder: ThreadPoolExecutor | None = None  # input audio is encoded here, not on the worker
         self._start_lock = threading.Lock()
         self._conversations: dict[str, Conversation] = {}
         self._voices: dict[str, Voice] = {}
@@ -112,6 +113,9 @@ class CSMService:
         if self._worker is not None:
             worker, self._worker = self._worker, None
             await asyncio.to_thread(worker.stop)
+        if self._encoder is not None:
+            encoder, self._encoder = self._encoder, None
+            encoder.shutdown(wait=False, cancel_futures=True)
         self._conversations.clear()
 
     async def __aenter__(self) -> CSMService:
@@ -140,6 +144,17 @@ class CSMService:
         self.engine  # noqa: B018 - raises if not started
         return asyncio.wrap_future(self._worker.submit(fn, *args))
 
+    def _encode(self, wav: np.ndarray, sample_rate: int) -> asyncio.Future:
+        """Mimi-encode input audio on a thread of its own, never on the inference thread: a long
+        user turn takes hundreds of milliseconds to encode, and the replies in progress must not
+        miss a frame meanwhile. The encoder is only read (the worker's codec state is the
+        decoder's), so it runs beside the frame steps; on a GPU, on a CUDA stream of its own."""
+        engine = self.engine
+        with self._start_lock:
+            if self._encoder is None:
+                self._encoder = ThreadPoolExecutor(1, thread_name_prefix="csm-encode")
+        return asyncio.get_running_loop().run_in_executor(self._encoder, _encode_audio, engine, wav, sample_rate)
+
     def _text_tokens(self, speaker: int, text: str) -> int:
         return len(self.engine.tokenizer.encode_segment_text(speaker, text))
 
@@ -151,7 +166,7 @@ class CSMService:
         """Register a named voice prompt (reference audio + its transcript), encoded once."""
         text = check_text(text)
         wav = _check_audio(audio, sample_rate)
-        codes = await self._submit(Engine.encode_audio, wav, sample_rate)
+        codes = await self._encode(wav, sample_rate)
         self._voices[name] = Voice(name, text, codes)
         return self._voices[name]
 
@@ -172,6 +187,19 @@ class CSMService:
             pinned.append(Segment(check_speaker(speaker), voice.text, voice.codes))
         conv = self._conversations[conversation_id] = Conversation(self, conversation_id, pinned, context_budget)
         return conv
+
+
+def _encode_audio(engine: Engine, wav: np.ndarray, sample_rate: int) -> torch.Tensor:
+    """Engine.encode_audio on the calling (encoder) thread; on CUDA on a side stream, so that its
+    kernels do not queue in front of the frame steps on the default stream."""
+    device = engine.codec.device
+    if device.type != "cuda":
+        return engine.encode_audio(wav, sample_rate)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.default_stream(device))  # the weights are ready
+    with torch.cuda.stream(stream):
+        codes = engine.encode_audio(wav, sample_rate)  # ends with a copy to the host: synchronised
+    return codes
 
 
 def _check_audio(audio: np.ndarray, sample_rate: int | None) -> np.ndarray:
@@ -267,7 +295,7 @@ class Conversation(HistoryView):
                 raise InputError(f"codes must be in 0..{vocab - 1}")
         elif audio is not None:
             wav = _check_audio(audio, sample_rate)
-            codes = await self.service._submit(Engine.encode_audio, wav, sample_rate)
+            codes = await self.service._encode(wav, sample_rate)
         self._check_idle()
         events = self._history.record(Segment(speaker, text, codes), origin)
         self._changed(events)
