@@ -150,7 +150,14 @@ class _SpeakRequest(_Strict):
 
     @model_validator(mode="after")
     def _speak_options(self):
-        self._options = SpeakOptions.from_wire(self.model_extra or {})
+        fields = dict(self.model_extra or {})
+        temperature = fields.get("temperature")
+        if isinstance(temperature, int) and not isinstance(temperature, bool):  # JSON ints are unbounded
+            try:
+                fields["temperature"] = float(temperature)
+            except OverflowError:
+                raise InputError(f"temperature must be a finite number, got {temperature}") from None
+        self._options = SpeakOptions.from_wire(fields)
         if self._options.speaker > MAX_SPEAKER:
             raise InputError(f"speaker must be at most {MAX_SPEAKER}")
         return self
