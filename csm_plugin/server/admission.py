@@ -56,7 +56,7 @@ class _Waiter:
 
 class Admission:
     def __init__(self, capacity: int, per_key: int, max_queue: int, max_queue_per_key: int, wait_s: float,
-                 on_change: Callable[[int, int], None] | None = None):
+                 on_change: Callable[[int, int, int], None] | None = None):
         self.capacity = capacity
         self.per_key = per_key
         self.max_queue = max_queue
@@ -67,7 +67,7 @@ class Admission:
         self._queues: collections.OrderedDict[str, collections.deque[_Waiter]] = collections.OrderedDict()
         self._hold_s = 2.0  # running mean of how long a place is held (for the retry-after hint)
         self._closed: ProtocolError | None = None
-        self._on_change = on_change or (lambda active, queued: None)
+        self._on_change = on_change or (lambda active, queued, behind: None)
 
     @property
     def queued(self) -> int:
@@ -140,9 +140,11 @@ class Admission:
         """The place's reader fell behind real time (or caught up again)."""
         if behind and place.behind_since is None:
             place.behind_since = time.monotonic()
+            self._changed()
             self._rebalance()
-        elif not behind:
+        elif not behind and place.behind_since is not None:
             place.behind_since = None
+            self._changed()
 
     def close(self, reason: ProtocolError) -> None:
         """Refuse every waiting and every new request with `reason` (the server is draining)."""
@@ -197,4 +199,4 @@ class Admission:
             place.on_yield()
 
     def _changed(self) -> None:
-        self._on_change(len(self.active), self.queued)
+        self._on_change(len(self.active), self.queued, sum(p.behind_since is not None for p in self.active))

@@ -65,12 +65,16 @@ class ServerState:
         self.admission = Admission(
             limits.max_active_replies or self.service.max_cached_conversations, limits.max_streams_per_key,
             limits.max_queued_replies, limits.max_queued_per_key, limits.queue_timeout_s,
-            on_change=lambda active, queued: self.metrics.queued.set(queued),
+            on_change=self._admission_changed,
         )
         self.active_streams = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: list[asyncio.Task] = []
+
+    def _admission_changed(self, active: int, queued: int, behind: int) -> None:
+        self.metrics.queued.set(queued)
+        self.metrics.behind.set(behind)
 
     # Stream accounting: the gauge and the drain read these (admission.py counts the places).
     def stream_started(self, key_id: str) -> None:

@@ -21,6 +21,7 @@ class Metrics:
         self.conversations = Gauge("csm_conversations", "conversations the server holds (attached or not)", registry=r)
         self.streams = Counter("csm_streams", "replies by outcome", ["outcome"], registry=r)
         self.queued = Gauge("csm_queued_replies", "replies waiting for a place to generate", registry=r)
+        self.behind = Gauge("csm_replies_behind", "replies whose reader has fallen behind real time", registry=r)
         self.queue_wait = Histogram(
             "csm_queue_wait_seconds", "from a speak request to its place (admitted replies)", buckets=_LATENCY_BUCKETS, registry=r
         )
