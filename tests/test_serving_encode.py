@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import time
+
 import numpy as np
+import pytest
 import torch
 
 from csm_plugin.engine import Engine
@@ -76,5 +79,40 @@ def test_voices_are_encoded_off_the_inference_thread_too(hf_checkpoint, monkeypa
             voice = await service.add_voice("agent", text="Hello there.", audio=tone(1.0), sample_rate=16_000)
             assert voice.codes.shape == (13, 32) and names and names[0] != "csm-inference"
         assert torch.is_grad_enabled()  # nothing leaked into the caller's thread state
+
+    run(main())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_encoding_on_a_side_stream_beside_compiled_frame_steps_on_gpu(hf_checkpoint):
+    """On a GPU the encoder runs on a CUDA stream of its own beside the CUDA-graph frame steps:
+    the same codes as encoding on the default stream, and the reply beside it runs to its end
+    (its frame gaps are printed, not asserted)."""
+
+    async def main():
+        async with CSMService(hf_checkpoint, device="cuda", compile=True, max_cached_conversations=2) as service:
+            wav = tone(60.0)
+            expected = service.engine.encode_audio(wav, 16_000).numpy().astype(np.uint16)
+            talker, listener = service.conversation("talker"), service.conversation("listener")
+            times: list[float] = []
+
+            async def speak():
+                async for chunk in talker.speak("A reply that runs while the long turn is encoded. " * 3, seed=1, max_audio_ms=6000):
+                    times.append(time.perf_counter())
+
+            task = asyncio.create_task(speak())
+            while len(times) < 5:
+                await asyncio.sleep(0.005)
+            start = time.perf_counter()
+            await listener.add_segment(1, "A long user turn.", audio=wav, sample_rate=16_000)
+            end = time.perf_counter()
+            await asyncio.wait_for(task, 120)
+            assert np.array_equal(listener.history[-1].codes, expected)
+            gaps = np.diff(times)
+            during = [g for t, g in zip(times[1:], gaps) if start <= t <= end + 0.2]
+            print(f"GPU: 60 s encoded in {1000 * (end - start):.0f} ms beside a reply; frame gap median "
+                  f"{1000 * np.median(gaps):.1f} ms, max while encoding {1000 * max(during, default=0):.1f} ms "
+                  f"({len(during)} frames then)")
 
     run(main())
