@@ -450,21 +450,22 @@ class Reply(AsyncIterator[AudioChunk]):
                 raise item
             if item is _END:
                 return None
+            end = item is None or item.last  # the stream ended: what is pending is the final chunk
             if item is not None:
                 self._pending.append(item)
-            end = item is None
-            if self._pending and (len(self._pending) >= chunk_frames or end):
-                frames, self._pending = self._pending, []
-                chunk = _chunk(self.text, words, frames, len(self._delivered), final=end)
-                self._delivered.extend(chunk.codes)
-                self._stream.consumed += len(frames)
-                if end:
-                    self._completed = True
-                    self._queue.put_nowait(_END)
-                return chunk
+                if len(self._pending) < chunk_frames and not end:
+                    continue
+            frames, self._pending = self._pending, []
             if end:
                 self._completed = True
+                self._queue.put_nowait(_END)
+            chunk = _chunk(self.text, words, frames, len(self._delivered), final=end)
+            if chunk is None:
                 return None
+            if frames:
+                self._delivered.extend(chunk.codes)
+                self._stream.consumed += len(frames)
+            return chunk
 
     def _interrupt(self, played_ms: float | None, replies: int) -> list[Event]:
         self._heard = (played_ms, replies)
@@ -514,11 +515,23 @@ class Reply(AsyncIterator[AudioChunk]):
         self._started.add_done_callback(close_started)
 
 
-def _chunk(text: str, words: list, frames: list[AudioFrame], first_frame: int, final: bool) -> AudioChunk:
+def _chunk(text: str, words: list, frames: list[AudioFrame], first_frame: int, final: bool) -> AudioChunk | None:
+    """Frames as one AudioChunk with the words estimated to start within them (None without
+    frames). The final chunk also takes the words whose estimated start lies beyond the audio
+    (the reply was capped, or spoken faster than the estimate), placed evenly after the last
+    word that fits, so that every word is timed inside the audio produced."""
+    if not frames:
+        return None
     start_ms = first_frame * FRAME_MS
     end_ms = (first_frame + len(frames)) * FRAME_MS
+    in_chunk = tuple(w for w, _, _ in words if start_ms <= w.start_ms < end_ms)
+    late = [w for w, _, _ in words if w.start_ms >= end_ms] if final else []
+    if late:
+        before = [w.start_ms for w, _, _ in words if w.start_ms < end_ms]
+        after_ms = max([start_ms, *before[-1:]])
+        step = (end_ms - after_ms) / (len(late) + 1)
+        in_chunk += tuple(Word(w.text, after_ms + step * (i + 1)) for i, w in enumerate(late))
     pcm = float_to_int16(np.concatenate([f.pcm for f in frames]))
-    in_chunk = tuple(w for w, _, _ in words if start_ms <= w.start_ms < end_ms or (final and w.start_ms >= end_ms))
     chars = lambda ms: min(len(text), round(ms / 1000 * CHARS_PER_SECOND))  # noqa: E731
     codes = as_codes(np.stack([np.asarray(f.codes) for f in frames]))
     return AudioChunk(pcm, start_ms, chars(start_ms), len(text) if final else chars(end_ms), in_chunk, codes=codes)

@@ -31,6 +31,7 @@ class AudioFrame:
 
     codes: torch.Tensor
     pcm: np.ndarray
+    last: bool = False  # the stream's limit is reached: no frame follows
 
 
 @dataclass
@@ -243,7 +244,7 @@ class Engine:
         frames: dict[int, AudioFrame] = {}
         for i, (s, c) in enumerate(speaking):
             s.codes.append(c)
-            frames[id(s)] = AudioFrame(c, pcm[i])
+            frames[id(s)] = AudioFrame(c, pcm[i], last=len(s.codes) >= s.limit)
         for s in streams:
             s.done = id(s) not in frames or len(s.codes) >= s.limit
         return [frames.get(id(s)) for s in streams]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from datetime import datetime
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
@@ -43,14 +44,15 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
+from pipecat.utils.tracing.service_decorators import traced_tts
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from csm_plugin.conversation.options import FIELDS as SPEAK_FIELDS, SpeakOptions  # torch-free
-from csm_plugin.errors import CSMError
 
 MODEL_RATE = 24_000  # CSM / Mimi output rate
 FRAME_MS = 80  # one CSM frame
 PRE_ROLL_S = 0.5  # user audio kept from before the VAD fired (VAD start is late by its start_secs)
+TURN_MATCH_S = 2.0  # a user turn's timestamp and the start of its captured audio, at most this apart
 
 # Wall clock for the playout estimate; a module attribute so tests can drive it.
 _clock = time.monotonic
@@ -195,9 +197,13 @@ class CSMTTSService(TTSService):
         self._paced = False
         # User audio of the current turn.
         self._user_speaking = False
+        self._user_started_at = 0.0
         self._user_rate = 0
         self._user_audio: list[bytes] = []
         self._pre_roll: deque[bytes] = deque()
+        # Audio of finished user turns, oldest first: (wall-clock start, 16-bit PCM, rate). Each
+        # LLMContextUserTurnFrame takes its own, which may come after the next turn's audio.
+        self._captured: deque[tuple[float, bytes, int]] = deque()
 
     # --- public ---------------------------------------------------------------------------
 
@@ -212,7 +218,13 @@ class CSMTTSService(TTSService):
         or None if loading failed (that failure was logged and pushed as an ErrorFrame)."""
         if self._open_task is None:
             self._open_task = asyncio.ensure_future(self._open())
-        return await asyncio.shield(self._open_task)
+        task = self._open_task
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():  # the pipeline ended while loading: nothing to wait for
+                return None
+            raise
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -249,7 +261,10 @@ class CSMTTSService(TTSService):
         except Exception as e:
             where = self._url or self._settings.model or "the default CSM model"
             logger.error(f"{self}: could not load CSM ({where}): {type(e).__name__}: {e}")
-            # Permanent: the service stops taking text, so no turn waits on a model that is not there.
+            # Permanent: the service stops taking text, so no turn waits on a model that is not there;
+            # nor on the audio it would have made (Pipecat waits stop_frame_timeout_s for it, which
+            # is long here because a CPU prefill can take seconds).
+            self._stop_frame_timeout_s = 0.05
             await self.push_error(f"CSM TTS could not load {where}: {e}", exception=e, force_treat_as_permanent=True)
             return None
 
@@ -262,8 +277,8 @@ class CSMTTSService(TTSService):
         await self._close()
 
     async def _close(self) -> None:
+        conv, self._closed = (None if self._closed else self._conversation), True  # first: run_tts checks it
         await self._stop_speech()
-        conv, self._closed = (None if self._closed else self._conversation), True
         if self._open_task is not None and not self._open_task.done():
             await self.cancel_task(self._open_task)
         try:
@@ -289,10 +304,13 @@ class CSMTTSService(TTSService):
         elif isinstance(frame, UserStartedSpeakingFrame):
             if not self._user_speaking:
                 self._user_speaking = True
-                self._user_audio.extend(self._pre_roll)
+                self._user_started_at = time.time() - PRE_ROLL_S
+                self._user_audio = list(self._pre_roll)
                 self._pre_roll.clear()
         elif isinstance(frame, UserStoppedSpeakingFrame):
-            self._user_speaking = False
+            if self._user_speaking and self._user_audio:
+                self._captured.append((self._user_started_at, b"".join(self._user_audio), self._user_rate))
+            self._user_speaking, self._user_audio = False, []
         elif isinstance(frame, BotStartedSpeakingFrame):
             self._paced = True  # an output transport plays our audio in real time
         elif isinstance(frame, BotStoppedSpeakingFrame):
@@ -304,7 +322,7 @@ class CSMTTSService(TTSService):
         if isinstance(frame, InterruptionFrame):
             await self._on_interruption()
         elif isinstance(frame, LLMContextUserTurnFrame) and direction == FrameDirection.DOWNSTREAM:
-            self._queue_user_turn(frame.text)
+            self._queue_user_turn(frame.text, frame.timestamp)
 
     def _on_user_audio(self, frame: InputAudioRawFrame) -> None:
         if frame.num_channels != 1 or not frame.audio:
@@ -312,6 +330,7 @@ class CSMTTSService(TTSService):
         if frame.sample_rate != self._user_rate:  # a new input format starts a new buffer
             self._user_rate, self._user_audio = frame.sample_rate, []
             self._pre_roll.clear()
+            self._captured.clear()
         if self._user_speaking:
             self._user_audio.append(frame.audio)
         else:
@@ -319,11 +338,28 @@ class CSMTTSService(TTSService):
             while sum(map(len, self._pre_roll)) > PRE_ROLL_S * self._user_rate * 2:
                 self._pre_roll.popleft()
 
-    def _queue_user_turn(self, text: str) -> None:
+    def _take_turn_audio(self, timestamp: str) -> tuple[bytes, int]:
+        """The captured audio of the user turn that started at `timestamp` (ISO 8601): the oldest
+        captured turn, skipping turns whose transcript never came (they started well before)."""
+        try:
+            started = datetime.fromisoformat(timestamp).timestamp()
+        except (TypeError, ValueError):
+            started = None  # not a time (hand-made frames): turns and audio pair up in order
+        while self._captured:
+            at, pcm, rate = self._captured[0]
+            if started is not None and at < started - TURN_MATCH_S:
+                self._captured.popleft()  # audio whose transcript the aggregator left out
+                continue
+            if started is not None and at > started + TURN_MATCH_S:
+                break  # the next turn's audio: this turn (typed, say) has none
+            self._captured.popleft()
+            return pcm, rate
+        return b"", self._user_rate
+
+    def _queue_user_turn(self, text: str, timestamp: str = "") -> None:
         """Record the user's turn (with its audio) in order, without holding up the frames."""
-        pcm = np.frombuffer(b"".join(self._user_audio), dtype=np.int16)
-        rate = self._user_rate
-        self._user_audio = []
+        data, rate = self._take_turn_audio(timestamp)
+        pcm = np.frombuffer(data, dtype=np.int16)
         if not text.strip():
             return
         if len(pcm) > self._settings.max_user_audio_s * rate:
@@ -345,13 +381,18 @@ class CSMTTSService(TTSService):
 
     # --- speaking -------------------------------------------------------------------------
 
+    @traced_tts
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
-        conv = await self.wait_ready()
-        if conv is None:
-            return  # the load failure was reported once, as an ErrorFrame
+        conv = None if self._closed else await self.wait_ready()
+        if conv is None or self._closed:
+            # Nothing will be spoken: the pipeline is ending (the conversation is closed and is
+            # not reopened), or the model failed to load (reported once). End the turn's audio
+            # context now instead of after stop_frame_timeout_s.
+            if self.audio_context_available(context_id):
+                await self.remove_audio_context(context_id)
+            return
         if self._user_turn_task is not None:
             await asyncio.shield(self._user_turn_task)  # the user's turn is in the context first
-        await self.start_tts_usage_metrics(text)
         s = self._settings
         seed = None if s.seed is None else s.seed + self._replies
         self._replies += 1
@@ -361,13 +402,15 @@ class CSMTTSService(TTSService):
         playout.utterances.append(utterance)
         out_rate = self.sample_rate
         resampler = None if out_rate == MODEL_RATE else soxr.ResampleStream(MODEL_RATE, out_rate, 1, dtype="int16", quality="HQ")
-        speech = conv.speak(text, options)
-        self._speech = speech
+        speech = None
         try:
+            await self.start_tts_usage_metrics(text)
+            speech = self._speech = conv.speak(text, options)
             async for chunk in speech:
-                end_ms = chunk.start_ms + chunk.duration_ms
-                utterance.ms = end_ms
-                words = [(w.text, (utterance.offset_ms + min(w.start_ms, end_ms - 1)) / 1000) for w in chunk.words]
+                await self.stop_ttfb_metrics()
+                utterance.ms = chunk.start_ms + chunk.duration_ms
+                # each word starts within the audio produced (the service places them so)
+                words = [(w.text, (utterance.offset_ms + w.start_ms) / 1000) for w in chunk.words]
                 if words:
                     await self.add_word_timestamps(words, context_id)
                 pcm = chunk.pcm if resampler is None else resampler.resample_chunk(chunk.pcm)
@@ -377,13 +420,15 @@ class CSMTTSService(TTSService):
                 tail = resampler.resample_chunk(np.zeros(0, dtype=np.int16), last=True)
                 if len(tail):
                     yield TTSAudioRawFrame(tail.tobytes(), out_rate, 1, context_id=context_id)
-        except CSMError as e:
-            logger.error(f"{self}: CSM could not speak {text!r}: {e}")
+        except Exception as e:  # noqa: BLE001 - as the official services: every failure is an ErrorFrame
+            logger.error(f"{self}: CSM could not speak {text!r}: {type(e).__name__}: {e}")
             yield ErrorFrame(error=f"CSM TTS error: {e}")
         finally:
-            if self._speech is speech:
-                self._speech = None
-            await speech.aclose()
+            await self.stop_ttfb_metrics()
+            if speech is not None:
+                if self._speech is speech:
+                    self._speech = None
+                await speech.aclose()
 
     async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM):
         await super().push_frame(frame, direction)
