@@ -190,7 +190,8 @@ async def test_two_turns_condition_on_the_user_and_the_first_reply(hf_checkpoint
     ]
     second_context = [f for f in down if isinstance(f, TTSStartedFrame)][1].context_id
     during_second = [rows for cid, rows in probe.cache_rows if cid == second_context]
-    assert during_second and during_second[-1] == expected
+    # (the first sample: by the last audio frame downstream, the finished reply may be cached too)
+    assert during_second and during_second[0] == expected
     assert expected[0] > 14  # the user's 13 audio frames are in the prompt, not just the text
 
 
