@@ -139,6 +139,7 @@ def test_help_shows_the_defaults(capsys):
     assert "--threads THREADS, --torch-threads THREADS" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_progress_is_logged_by_default_and_debug_with_v(hf_checkpoint, tmp_path, caplog, capsys):
     caplog.set_level(logging.DEBUG)
     assert speak(hf_checkpoint, tmp_path / "a.wav") == 0

@@ -182,6 +182,7 @@ def test_a_dead_consumer_loop_fails_only_its_own_stream(hf_checkpoint):
 
 # --- 3: a transient failure inside a batched step is retried on changed state ---------------------
 
+@pytest.mark.slow
 def test_transient_batched_step_failure_keeps_healthy_streams_equal_to_solo(hf_checkpoint):
     """Defect 3: when a batched frame step fails part-way (after the frame was sampled and
     recorded, in the batched Mimi step), the per-stream retry must start from the state before

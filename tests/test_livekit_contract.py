@@ -63,6 +63,7 @@ async def _server(checkpoint, **config):
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_silent_server_times_out_within_conn_options_and_aclose_returns():
     """ChunkedStream._main_task: each attempt ends within conn_options.timeout with a retryable
     APITimeoutError (so a FallbackAdapter can switch), and TTS.aclose() does not wait on the
@@ -111,6 +112,7 @@ async def test_wrong_api_key_is_a_401_status_error_never_retried(hf_checkpoint):
         await runner.cleanup()
 
 
+@pytest.mark.slow
 def test_prewarm_imports_the_model_code_off_the_event_loop(hf_checkpoint):
     """TTS.prewarm() runs on the job's event loop: it must not import torch or load the model
     there (LiveKit's loop monitor reports a 0.5 s block as an error)."""

@@ -222,6 +222,7 @@ class Collector(FrameProcessor):
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_barge_in_stops_within_a_frame_and_keeps_what_was_played(hf_checkpoint, reference_engine, monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(csm_tts, "_clock", lambda: now[0])  # playback time, driven by the test

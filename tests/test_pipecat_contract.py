@@ -82,6 +82,7 @@ class _SlowLoad:
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_end_frame_while_the_model_loads_ends_the_pipeline(hf_checkpoint):
     """run_test ends with an EndFrame right after the LLM's text, while the model still loads:
     stop() cancels the load, and run_tts must then return (it used to raise the load's
@@ -139,6 +140,7 @@ class _FailingBackend:
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow
 async def test_any_exception_in_run_tts_is_an_error_frame_and_the_pipeline_goes_on(hf_checkpoint):
     """The official services catch every exception in run_tts as an ErrorFrame (not only the
     plugin's own errors), stop their TTFB metrics, and the next text is spoken."""

@@ -125,6 +125,7 @@ def test_pacing_sets_deadlines_at_real_time():
 
 # --- through the server -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fifty_concurrent_two_turn_conversations_on_one_key_complete(hf_checkpoint):
     """Defaults (8 cache slots): the replies beyond the places queue; no turn is lost or refused."""
 
@@ -155,6 +156,7 @@ def test_fifty_concurrent_two_turn_conversations_on_one_key_complete(hf_checkpoi
     run(main())
 
 
+@pytest.mark.slow
 def test_busy_has_a_retry_after_hint_and_the_client_backs_off(hf_checkpoint):
     async def main():
         async with running_server(hf_checkpoint, max_active_replies=1, max_queued_replies=0) as (url, state), \
@@ -251,6 +253,7 @@ def server_frames(state, key: str, conversation: str) -> int:
     return session.conv.history[-1].codes.shape[0]
 
 
+@pytest.mark.slow
 def test_a_reader_that_falls_behind_gives_its_place_to_a_waiting_reply(hf_checkpoint):
     async def main():
         async with running_server(
@@ -290,6 +293,7 @@ def test_a_reader_that_falls_behind_gives_its_place_to_a_waiting_reply(hf_checkp
     run(main())
 
 
+@pytest.mark.slow
 def test_a_reader_behind_past_the_limit_ends_with_slow_consumer(hf_checkpoint):
     async def main():
         async with running_server(hf_checkpoint, reader_lag_s=0.2, send_timeout_s=0.5, send_buffer_bytes=4096) as (url, state), \

@@ -54,6 +54,7 @@ def test_half_open_and_slow_header_connections_are_closed_before_auth(hf_checkpo
     run(main())
 
 
+@pytest.mark.slow
 def test_an_idle_stream_is_closed_but_not_while_a_reply_runs(hf_checkpoint):
     async def main():
         async with running_server(hf_checkpoint, stream_idle_timeout_s=0.4) as (url, state), aiohttp.ClientSession() as s:
