@@ -337,6 +337,7 @@ def cmd_serve(args) -> int:
         args.config, model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         api_keys_file=args.api_keys_file, allow_no_auth=args.no_auth or None, torch_threads=args.threads,
         max_cached_conversations=args.max_cached_conversations, quantize=args.quantize, compile=args.compile or None,
+        tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, metrics_port=args.metrics_port,
     )
     config.keys()  # no keys (and no --no-auth) is a one-line error before anything loads
     device = resolve_device(config.device if "device" in config.model_fields_set else "auto")
@@ -449,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON server config (limits, voices, ...); default: $CSM_SERVER_CONFIG")
     p.add_argument("--api-keys-file", help="bearer tokens, one per line; or $CSM_API_KEYS / $CSM_API_KEYS_FILE")
     p.add_argument("--no-auth", action="store_true", help="accept clients without an API key")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS/WSS (with --tls-key); $CSM_TLS_CERT_FILE")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert; $CSM_TLS_KEY_FILE")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics only on this port; $CSM_METRICS_PORT")
     p.add_argument("--threads", "--torch-threads", dest="threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: $CSM_TORCH_THREADS, else $CSM_THREADS, else $OMP_NUM_THREADS, "
                         "else the CPUs this process may use)")

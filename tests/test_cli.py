@@ -221,6 +221,17 @@ def test_serve_options_device_default_and_exit_status(monkeypatch):
     assert [(c.device, c.torch_threads) for c in configs] == [("cuda", 3), ("cpu", 4), ("cpu", None)]
 
 
+def test_serve_takes_tls_and_metrics_port_options(monkeypatch, tmp_path):
+    import csm_plugin.server.run as run
+
+    configs = []
+    monkeypatch.setattr(run, "main", lambda config: configs.append(config) or 0)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    assert main(["serve", "--model", "m", "--no-auth", "--device", "cpu", "--tls-cert", str(cert), "--tls-key", str(key),
+                 "--metrics-port", "9100"]) == 0
+    assert (configs[0].tls_cert_file, configs[0].tls_key_file, configs[0].metrics_port) == (cert, key, 9100)
+
+
 def test_output_format_is_checked_before_the_model_loads(tmp_path, capsys):
     assert main(["speak", "--model", str(tmp_path / "none"), "--text", "Hi.", "--out", str(tmp_path / "reply.xyz")]) == 2
     line = one_line_error(capsys.readouterr().err)
