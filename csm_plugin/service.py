@@ -30,7 +30,7 @@ from .audio import as_mono, float_to_int16
 from .conversation.history import CHARS_PER_SECOND, Event, History, HistoryView, check_played_ms, spoken_text, word_timings
 from .conversation.options import SpeakOptions
 from .conversation.types import FRAME_MS, AudioChunk, Origin, Segment, Turn, Word, as_codes, check_speaker, check_text
-from .engine import AudioFrame, Engine, InferenceWorker, Sampling, SlotsBusyError, Stream, max_frames_for_text
+from .engine import AudioFrame, Engine, InferenceWorker, Sampling, SlotReleasedError, SlotsBusyError, Stream, max_frames_for_text
 from .errors import AudioError, ConversationBusyError, CSMError, InputError
 from .models.loading import DEFAULT_MODEL
 
@@ -540,7 +540,7 @@ def _chunk(text: str, words: list, frames: list[AudioFrame], first_frame: int, f
 def _log_failure(future) -> None:
     if future.cancelled() or future.exception() is None:
         return
-    if isinstance(future.exception(), SlotsBusyError):  # early prefill skipped; speak() prefills
-        log.debug("no free cache slot for an early prefill")
+    if isinstance(future.exception(), (SlotsBusyError, SlotReleasedError)):  # skipped; speak() prefills
+        log.debug("early prefill skipped: %s", future.exception())
     else:
         log.warning("background cache work failed: %s", future.exception())
