@@ -5,44 +5,20 @@ metrics on a port of their own."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import ipaddress
 import ssl
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from csm_plugin.client import AuthenticationError, RemoteBackend
 from csm_plugin.server.auth import AuthThrottle, client_address
 from csm_plugin.server.config import ConfigError, ServerConfig
-from test_server_support import AUTH, KEY, running_server
+from test_server_support import AUTH, KEY, running_server, self_signed
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-def self_signed(tmp_path):
-    """A certificate for 127.0.0.1 and its key, as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "csm test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return cert_file, key_file
 
 
 def test_tls_serves_wss_and_drops_a_handshake_that_does_not_finish(hf_checkpoint, tmp_path):
