@@ -20,7 +20,10 @@ _PUBLIC = {
     "RemoteBackend": "client",
     "Engine": "engine",
     "Sampling": "engine",
-    "Segment": "prompt",
+    "Segment": "conversation.types",
+    "SpeakOptions": "conversation.options",
+    "History": "conversation.history",
+    "Reply": "service",
     "make_test_checkpoint": "models.loading",
 }
 
