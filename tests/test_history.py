@@ -162,7 +162,7 @@ def test_heard_part_rounds_up_to_whole_frames():
 
 def test_speak_options_validate_once():
     assert SpeakOptions.build(None, seed=3, top_k=1) == SpeakOptions(seed=3, top_k=1)
-    for bad in ({"temperature": 0}, {"top_k": 10**30}, {"seed": 1.5}, {"max_audio_ms": float("inf")},
+    for bad in ({"temperature": 0}, {"temperature": 10**400}, {"max_audio_ms": 10**400}, {"top_k": 10**30}, {"seed": 1.5}, {"max_audio_ms": float("inf")},
                 {"chunk_frames": 0}, {"speaker": -1}, {"nonsense": 1}):
         with pytest.raises(InputError):
             SpeakOptions.build(None, **bad)
@@ -180,3 +180,12 @@ def test_core_and_client_import_without_torch():
     code = ("import sys; import csm_plugin.client, csm_plugin.conversation.protocol; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_text_with_a_lone_surrogate_is_refused():
+    """A lone surrogate reached the tokenizer as a TypeError on the local path."""
+    from csm_plugin.conversation.types import check_text
+
+    for text in ("hello \ud800 there", "\udfff"):
+        with pytest.raises(InputError, match="not valid Unicode"):
+            check_text(text)

@@ -37,6 +37,10 @@ def check_text(text: object) -> str:
         raise InputError(f"text must be a str, got {type(text).__name__}")
     if not text.strip():
         raise InputError("text is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer can take it
+        raise InputError(f"text is not valid Unicode at character {e.start}: {text[e.start:e.end]!r}") from None
     return text.strip()
 
 
