@@ -376,6 +376,7 @@ class Reply(AsyncIterator[AudioChunk]):
         self._started: Future | None = None  # the worker job that prefills and starts the stream
         self._stream: Stream | None = None
         self._pending: list[AudioFrame] = []
+        self._words: list = []  # the text's estimated word timings, once it is validated
         self._delivered: list[np.ndarray] = []
         self._completed = False
         self._heard: tuple[float | None, int] | None = None  # interrupt(played_ms, replies)
@@ -425,6 +426,7 @@ class Reply(AsyncIterator[AudioChunk]):
         options = self.options
         sampling = Sampling(options.temperature, options.top_k, options.seed, options.max_audio_ms)
         keyed = conv._keyed(self._context)
+        self._words = word_timings(self.text)
 
         def on_frame(item) -> None:  # worker thread; raises if the loop is gone (the worker copes)
             loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -443,7 +445,6 @@ class Reply(AsyncIterator[AudioChunk]):
 
     async def _next_chunk(self) -> AudioChunk | None:
         chunk_frames = self.options.chunk_frames or self._conv.service.chunk_frames
-        words = word_timings(self.text)
         while True:
             item = await self._queue.get()
             if isinstance(item, BaseException):
@@ -459,12 +460,11 @@ class Reply(AsyncIterator[AudioChunk]):
             if end:
                 self._completed = True
                 self._queue.put_nowait(_END)
-            chunk = _chunk(self.text, words, frames, len(self._delivered), final=end)
-            if chunk is None:
+            chunk = _chunk(self.text, self._words, frames, len(self._delivered), final=end)
+            if chunk is None:  # the end came after the last frame's chunk
                 return None
-            if frames:
-                self._delivered.extend(chunk.codes)
-                self._stream.consumed += len(frames)
+            self._delivered.extend(chunk.codes)
+            self._stream.consumed += len(frames)
             return chunk
 
     def _interrupt(self, played_ms: float | None, replies: int) -> list[Event]:
