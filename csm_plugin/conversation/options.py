@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InputError
-from .types import FRAME_MS, check_speaker
+from .types import FRAME_MS, check_name, check_speaker
 
 MAX_SEED = 2**62
 MAX_TOP_K = 2**31 - 1
@@ -53,7 +53,8 @@ class SpeakOptions:
     """speaker: who speaks. temperature / top_k: sampling as in Sesame's reference (0.9 / 50;
     top_k=1 is greedy). seed: the same seed and context give the same audio (None: random).
     max_audio_ms: caps the reply (default: from the text's length, CSM sometimes never stops).
-    chunk_frames: 80 ms frames per audio chunk (None: the service's default)."""
+    chunk_frames: 80 ms frames per audio chunk (None: the service's default).
+    style: a registered style (add_style) that conditions this reply alone (None: no style)."""
 
     speaker: int = 0
     temperature: float = 0.9
@@ -61,12 +62,15 @@ class SpeakOptions:
     seed: int | None = None
     max_audio_ms: float | None = None
     chunk_frames: int | None = None
+    style: str | None = None
 
     def __post_init__(self):
         check_speaker(self.speaker)
         check_sampling(self.temperature, self.top_k, self.seed, self.max_audio_ms)
         if self.chunk_frames is not None and not (_is_int(self.chunk_frames) and 1 <= self.chunk_frames <= MAX_CHUNK_FRAMES):
             raise InputError(f"chunk_frames must be an int in 1..{MAX_CHUNK_FRAMES}, got {self.chunk_frames!r}")
+        if self.style is not None:
+            check_name(self.style, "style")
 
     @classmethod
     def build(cls, options: SpeakOptions | None = None, **changes: Any) -> SpeakOptions:

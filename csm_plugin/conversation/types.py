@@ -7,6 +7,7 @@ these types without loading the model. Mimi codes are compact read-only `uint16`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -42,6 +43,16 @@ def check_text(text: object) -> str:
     except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer can take it
         raise InputError(f"text is not valid Unicode at character {e.start}: {text[e.start:e.end]!r}") from None
     return text.strip()
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(name: object, what: str = "name") -> str:
+    """A voice or style name: 1-64 of letters, digits, '_', '.', '-', starting with a letter or digit."""
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+        raise InputError(f"{what} name must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit), got {name!r}")
+    return name
 
 
 def check_origin(origin: object) -> Origin:
