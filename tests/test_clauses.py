@@ -65,3 +65,17 @@ def test_streaming_cuts_like_the_whole_text_and_loses_no_word(parts, data, mode,
     assert streamed == whole
     assert " ".join(whole).split() == text.split()
     assert all(p and p == p.strip() for p in whole)
+
+
+def test_style_tag_is_split_and_carried_to_later_pieces_of_the_reply():
+    from csm_plugin.conversation.styles import StyleTagCarry, split_style_tag
+
+    assert split_style_tag("[comforting] I'm so sorry.") == ("comforting", "I'm so sorry.")
+    assert split_style_tag("I'm [not] a tag") == (None, "I'm [not] a tag")
+    assert split_style_tag("[two words] hi") == (None, "[two words] hi")
+    carry = StyleTagCarry()
+    pieces = [carry(p) for p in split_text("[calm] One moment, please. I am checking your order now.")]
+    assert pieces == ["[calm] One moment,", "[calm] please. I am checking your order now."]
+    carry.reset()
+    assert carry("Plain text,") == "Plain text,"
+    assert carry("stays plain.") == "stays plain."
