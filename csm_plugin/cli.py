@@ -222,14 +222,60 @@ def _prepare_runtime(args) -> None:
     log.info("device %s, %d CPU thread(s)", args.device, n)
 
 
+def speak_prompts(args) -> tuple[ContextItem | None, list[ContextItem], str]:
+    """The voice pinned for --speaker, the style's exemplars and the text to speak (a leading
+    "[style]" tag removed), from --voices files, --voice / --voice-audio / --voice-text and
+    --style; every file read and checked here, before the model loads."""
+    from . import voices
+    from .conversation.styles import split_style_tag
+    from .conversation.types import check_text
+
+    prompts = voices.load_many(args.voices or [])
+    voice = None
+    if args.voice and (args.voice_audio or args.voice_text):
+        raise InputError("give --voice NAME (from a --voices file) or --voice-audio with --voice-text, not both")
+    if args.voice:
+        if not args.voices:
+            raise InputError(f"--voice {args.voice}: name the file that defines it with --voices FILE")
+        entry = prompts.voice(args.voice)
+        voice = ContextItem(args.speaker, entry.text, entry.audio, entry.sample_rate)
+    elif args.voice_audio or args.voice_text:
+        if not (args.voice_audio and args.voice_text):
+            raise InputError("a one-off voice needs both --voice-audio PATH and --voice-text TEXT (its exact transcript)")
+        try:
+            text = check_text(args.voice_text)
+            audio, rate = voices.read_clip(args.voice_audio)
+        except InputError as e:
+            raise InputError(f"--voice-audio/--voice-text: {e}") from None
+        voice = ContextItem(args.speaker, text, audio, rate)
+    text, style = args.text, args.style
+    tag, untagged = split_style_tag(text)
+    if tag is not None:  # "[formal] Good morning.": the tag picks the style and is not spoken
+        if style is not None and style != tag:
+            raise InputError(f"the text's tag [{tag}] and --style {style} name different styles; give one")
+        style, text = tag, check_text(untagged)
+    exemplars = []
+    if style is not None:
+        try:
+            entry = prompts.style(style)
+        except InputError as e:
+            said = f"the text starts with the style tag [{tag}]" if tag is not None else f"--style {style}"
+            raise InputError(f"{said}: {e}") from None
+        exemplars = [ContextItem(e.speaker, e.text, e.audio, e.sample_rate) for e in entry.exemplars]
+    return voice, exemplars, text
+
+
 def cmd_speak(args) -> None:
     out = Path(args.out)
     audio_format(out)  # a format soundfile cannot write fails now, not after generating
     context = load_context(Path(args.context)) if args.context else []  # a broken file fails before the model loads
+    voice, exemplars, text = speak_prompts(args)  # so do broken voices files, unknown names and clips
     sampling = sampling_from(args)
     _prepare_runtime(args)
     engine = load_engine(args.model, args)
-    speak_to_file(engine, encode_context(context, engine), args.speaker, args.text, sampling, out, args.codes and Path(args.codes))
+    # The voice is pinned first (as the service pins it), a style's exemplars come just before the reply.
+    items = ([voice] if voice is not None else []) + context + exemplars
+    speak_to_file(engine, encode_context(items, engine), args.speaker, text, sampling, out, args.codes and Path(args.codes))
 
 
 def cmd_demo(args) -> None:
@@ -338,8 +384,12 @@ def cmd_serve(args) -> int:
         api_keys_file=args.api_keys_file, allow_no_auth=args.no_auth or None, torch_threads=args.threads,
         max_cached_conversations=args.max_cached_conversations, quantize=args.quantize, compile=args.compile or None,
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, metrics_port=args.metrics_port,
+        voices_file=args.voices,
     )
     config.keys()  # no keys (and no --no-auth) is a one-line error before anything loads
+    prompts = config.prompts()  # so is a broken voices file (every clip is read and checked)
+    if prompts:
+        log.info("voices %s, styles %s (%s)", sorted(prompts.voices), sorted(prompts.styles), ", ".join(prompts.sources))
     device = resolve_device(config.device if "device" in config.model_fields_set else "auto")
     if device != config.device:
         config = config.model_copy(update={"device": device})
@@ -371,6 +421,11 @@ def _positive_int(value: str) -> int:
 
 def _add_verbose(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging (progress is logged by default)")
+
+
+def _add_voice_args(p: argparse.ArgumentParser, more: str = "") -> None:
+    p.add_argument("--voices", metavar="FILE", action="append",
+                   help="voices and styles file (JSON or TOML; docs/voices.md); give it again for more files" + more)
 
 
 THREADS_HELP = "torch CPU threads (default: $CSM_THREADS, else $OMP_NUM_THREADS, else the CPUs this process may use)"
@@ -415,6 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", help="JSON file of earlier segments: [{speaker, text, audio?}]")
     p.add_argument("--out", required=True, help="output file; its extension picks the format (.wav, .flac, .ogg, .mp3, ...)")
     p.add_argument("--codes", help="also save the generated codes [frames, 32] as .npy")
+    _add_voice_args(p)
+    p.add_argument("--voice", metavar="NAME", help="a voice from a --voices file, pinned for --speaker")
+    p.add_argument("--voice-audio", metavar="PATH", help="a one-off voice: a mono clip of the voice (3-10 s; with --voice-text)")
+    p.add_argument("--voice-text", metavar="TEXT", help="the exact transcript of --voice-audio")
+    p.add_argument("--style", metavar="NAME",
+                   help="a style from a --voices file: the reply is conditioned on its exemplars (a leading "
+                        "'[NAME]' tag in --text does the same)")
     _add_generation_args(p)
 
     p = add("demo", "speak a short two-speaker exchange to WAV files", cmd_demo)
@@ -459,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cached-conversations", type=int, default=None, help="KV-cache slots (default 8)")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU, float32): faster on CPU")
     p.add_argument("--compile", action="store_true", help="compile the frame steps at startup (CUDA graphs on GPUs)")
+    _add_voice_args(p, "; clients name them (default: $CSM_VOICES_FILE, and the config file's voices_file / voices)")
     return parser
 
 

@@ -348,3 +348,116 @@ def test_serve_says_when_it_is_ready_and_logs_each_request(hf_checkpoint, tmp_pa
         log.close()
     output = (tmp_path / "serve.log").read_text()
     assert output.index("listening on") < output.index("ready on")
+
+
+# --- voices and styles (csm_plugin.voices, docs/voices.md) -------------------------------------------
+
+
+def voices_file(folder: Path) -> Path:
+    """The example voices file in `folder`, with its placeholder clips."""
+    from test_voices import example_copy
+
+    return example_copy(folder)
+
+
+@pytest.mark.slow
+def test_speak_with_a_voice_or_a_style_conditions_the_reply(hf_checkpoint, tmp_path):
+    prompts = voices_file(tmp_path)
+    assert speak(hf_checkpoint, tmp_path / "plain.wav") == 0
+    assert speak(hf_checkpoint, tmp_path / "voice.wav", "--voices", str(prompts), "--voice", "maya") == 0
+    maya = json.loads(prompts.read_text())["voices"]["maya"]
+    assert speak(hf_checkpoint, tmp_path / "oneoff.wav", "--voice-audio", str(tmp_path / maya["audio"]),
+                 "--voice-text", maya["text"]) == 0
+    assert speak(hf_checkpoint, tmp_path / "style.wav", "--voices", str(prompts), "--style", "formal") == 0
+    assert main(["speak", "--model", str(hf_checkpoint), "--text", "[formal] Hello there.", "--seed", "3",
+                 "--out", str(tmp_path / "tag.wav"), "--voices", str(prompts)]) == 0
+    audio = {name: sf.read(tmp_path / f"{name}.wav", dtype="int16")[0] for name in ("plain", "voice", "oneoff", "style", "tag")}
+    n = min(len(a) for a in audio.values())
+    assert not np.array_equal(audio["voice"][:n], audio["plain"][:n])  # the same seed: the voice changed it
+    assert not np.array_equal(audio["style"][:n], audio["plain"][:n])
+    assert not np.array_equal(audio["style"][:n], audio["voice"][:n])
+    assert np.array_equal(audio["oneoff"], audio["voice"])  # the same clip and words, named or one-off
+    assert np.array_equal(audio["tag"], audio["style"])  # a leading [formal] tag is --style formal
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--voice", "maya"], "--voice maya: name the file that defines it with --voices FILE"),
+    (["--voices", "{prompts}", "--voice", "nobody"], "unknown voice 'nobody'; {prompts} define(s) voices ['caller', 'maya']"),
+    (["--voices", "{prompts}", "--voice", "maya", "--voice-audio", "{dir}/maya.wav"], "not both"),
+    (["--voice-audio", "{dir}/maya.wav"], "needs both --voice-audio PATH and --voice-text TEXT"),
+    (["--voice-text", "Hello."], "needs both --voice-audio PATH and --voice-text TEXT"),
+    (["--voice-audio", "{dir}/gone.wav", "--voice-text", "Hi."], "--voice-audio/--voice-text: file {dir}/gone.wav does not exist"),
+    (["--voices", "{prompts}", "--style", "grumpy"], "--style grumpy: unknown style 'grumpy'; {prompts} define(s) styles"),
+    (["--style", "formal"], "--style formal: unknown style 'formal'; no styles are loaded"),
+    (["--voices", "{dir}/missing.json"], "cannot read voices file {dir}/missing.json"),
+    (["--voices", "{dir}/broken.json"], "{dir}/broken.json: voice 'a': missing 'audio'"),
+    (["--voices", "{prompts}", "--voices", "{prompts}"], "voice 'caller' is defined twice"),
+])
+def test_voice_and_style_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys, extra, says):
+    prompts = voices_file(tmp_path)
+    (tmp_path / "broken.json").write_text('{"voices": {"a": {"text": "Hi."}}}')
+    fill = lambda s: s.format(prompts=prompts, dir=tmp_path)  # noqa: E731
+    argv = ["speak", "--model", str(tmp_path / "none"), "--text", "Hi.", "--out", str(tmp_path / "x.wav"), *map(fill, extra)]
+    assert main(argv) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert fill(says) in line and "checkpoint" not in line  # before the (missing) model was looked at
+
+
+@pytest.mark.parametrize("text,extra,says", [
+    ("[grumpy] Hi.", [], "the text starts with the style tag [grumpy]: unknown style 'grumpy'"),
+    ("[formal] Hi.", ["--style", "casual"], "the text's tag [formal] and --style casual name different styles"),
+    ("[formal]  ", [], "text is empty"),
+])
+def test_style_tags_in_the_text_are_checked_too(tmp_path, capsys, text, extra, says):
+    prompts = voices_file(tmp_path)
+    argv = ["speak", "--model", str(tmp_path / "none"), "--text", text, "--out", str(tmp_path / "x.wav"),
+            "--voices", str(prompts), *extra]
+    assert main(argv) == 2
+    assert says in one_line_error(capsys.readouterr().err)
+
+
+def test_speak_puts_the_voice_first_and_the_exemplars_last(tmp_path, monkeypatch):
+    prompts = voices_file(tmp_path)
+    (tmp_path / "ctx.json").write_text(json.dumps([{"speaker": 1, "text": "Hi, my parcel is late."}]))
+    seen = {}
+    monkeypatch.setattr(cli, "load_engine", lambda model, args: None)  # no model work
+    monkeypatch.setattr(cli, "encode_context", lambda items, engine: seen.setdefault("items", items))
+    monkeypatch.setattr(cli, "speak_to_file", lambda engine, context, speaker, text, *rest: seen.update(speaker=speaker, text=text))
+    argv = ["speak", "--model", "m", "--text", "[comforting] I'm so sorry.", "--speaker", "2", "--out", str(tmp_path / "x.wav"),
+            "--voices", str(prompts), "--voice", "maya", "--context", str(tmp_path / "ctx.json")]
+    assert main(argv) == 0
+    assert seen["speaker"] == 2 and seen["text"] == "I'm so sorry."  # the tag is not spoken
+    items = seen["items"]
+    maya = json.loads(prompts.read_text())["voices"]["maya"]
+    assert (items[0].speaker, items[0].text) == (2, maya["text"]) and items[0].audio is not None  # pinned for --speaker
+    assert items[1].text == "Hi, my parcel is late."
+    comforting = json.loads(prompts.read_text())["styles"]["comforting"]
+    assert [(i.speaker, i.text) for i in items[2:]] == [(e["speaker"], e["text"]) for e in comforting]
+
+
+def test_voice_options_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["speak", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--voices FILE", "--voice NAME", "--voice-audio PATH", "--voice-text TEXT", "--style NAME", "docs/voices.md"):
+        assert option in text, option
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--voices FILE" in text and "$CSM_VOICES_FILE" in text
+
+
+def test_serve_takes_voices_files_and_checks_them_first(monkeypatch, tmp_path, capsys):
+    import csm_plugin.server.run as run
+
+    configs = []
+    monkeypatch.setattr(run, "main", lambda config: configs.append(config) or 0)
+    prompts = voices_file(tmp_path)
+    assert main(["serve", "--model", "m", "--no-auth", "--device", "cpu", "--voices", str(prompts)]) == 0
+    assert configs[0].voices_file == [prompts]
+    assert sorted(configs[0].prompts().styles) == ["casual", "comforting", "formal", "motivating"]
+    (tmp_path / "maya.wav").write_bytes(b"RIFF")  # a clip broken after the file was written
+    assert main(["serve", "--model", "m", "--no-auth", "--device", "cpu", "--voices", str(prompts)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{prompts}: voice 'maya': audio 'maya.wav': cannot read" in line
+    assert len(configs) == 1  # the server was never started

@@ -13,11 +13,14 @@ import os
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from ..errors import CSMError
+
+if TYPE_CHECKING:
+    from ..voices import Prompts
 
 ENV_PREFIX = "CSM_"
 
@@ -66,7 +69,9 @@ class Limits(BaseModel):
 
 
 class VoiceConfig(BaseModel):
-    """A voice prompt the operator registers at startup; clients may only name it."""
+    """A voice prompt the operator registers at startup; clients may only name it. The same
+    entry as a voices file's (csm_plugin.voices), written inline; a relative audio path is
+    relative to the working directory."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -105,6 +110,9 @@ class ServerConfig(BaseModel):
         default_factory=list, description="addresses/networks of proxies (nginx) whose X-Forwarded-For names the client"
     )
     voices: list[VoiceConfig] = Field(default_factory=list)
+    voices_file: list[Path] = Field(
+        default_factory=list, description="voices and styles files (docs/voices.md) registered at startup; one path or a list"
+    )
     warmup: bool = True
     drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM: how long running replies may take to finish")
     heartbeat_s: float = Field(30.0, gt=0, description="WebSocket ping interval")
@@ -116,6 +124,15 @@ class ServerConfig(BaseModel):
         if not host:
             raise ValueError("host is empty")
         return host
+
+    @field_validator("voices_file", mode="before")
+    @classmethod
+    def _voices_files(cls, value: Any) -> Any:
+        if isinstance(value, str):  # one path, or several separated by os.pathsep (CSM_VOICES_FILE=a.json:b.toml)
+            return [p for p in value.split(os.pathsep) if p]
+        if isinstance(value, os.PathLike):
+            return [value]
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -129,6 +146,24 @@ class ServerConfig(BaseModel):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both tls_cert_file and tls_key_file (CSM_TLS_CERT_FILE, CSM_TLS_KEY_FILE)")
         return self
+
+    def prompts(self) -> Prompts:
+        """The voices and styles to register: the inline `voices`, then every `voices_file`,
+        each checked and its audio read (csm_plugin.voices); VoicesFileError names what is
+        wrong, and a name defined twice is one."""
+        from ..voices import Prompts, VoicesFileError, from_mapping, load
+
+        names = [v.name for v in self.voices]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise VoicesFileError(f"the server config's voices: voice {twice[0]!r} is defined twice")
+        prompts = Prompts()
+        if self.voices:
+            inline = {"voices": {v.name: {"text": v.text, "audio": str(v.audio)} for v in self.voices}}
+            prompts = from_mapping(inline, base=Path("."), source="the server config's voices")
+        for path in self.voices_file:
+            prompts = prompts.merged(load(path))
+        return prompts
 
     @property
     def tls(self) -> bool:
@@ -224,6 +259,7 @@ _ENV_FIELDS = {
     "TLS_KEY_FILE": "tls_key_file",
     "METRICS_PORT": "metrics_port",
     "METRICS_HOST": "metrics_host",
+    "VOICES_FILE": "voices_file",
 }
 
 
