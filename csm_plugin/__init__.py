@@ -13,6 +13,8 @@ _PUBLIC = {
     "AudioChunk": "service",
     "Turn": "service",
     "Voice": "service",
+    "Style": "service",
+    "Exemplar": "service",
     "Word": "service",
     "shared_service": "backend",
     "SpeechBackend": "backend",

@@ -16,12 +16,14 @@ records in the history exactly the frames the listener got (the rules live in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,27 +31,55 @@ import torch
 from .audio import as_mono, float_to_int16
 from .conversation.history import CHARS_PER_SECOND, Event, History, HistoryView, check_played_ms, spoken_text, word_timings
 from .conversation.options import SpeakOptions
-from .conversation.types import FRAME_MS, AudioChunk, Origin, Segment, Turn, Word, as_codes, check_speaker, check_text
-from .engine import AudioFrame, Engine, InferenceWorker, Sampling, SlotReleasedError, SlotsBusyError, Stream, max_frames_for_text
+from .conversation.styles import UnknownTags, check_unknown_tags, split_style_tag
+from .conversation.types import FRAME_MS, AudioChunk, Origin, Segment, Turn, Word, as_codes, check_name, check_speaker, check_text
+from .engine import AudioFrame, Engine, InferenceWorker, Sampling, SharedKey, SlotReleasedError, SlotsBusyError, Stream, max_frames_for_text
 from .errors import AudioError, ConversationBusyError, CSMError, InputError
 from .models.loading import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CSMService", "Conversation", "Reply", "AudioChunk", "Turn", "Voice", "Word", "SpeakOptions",
+__all__ = ["CSMService", "Conversation", "Reply", "AudioChunk", "Turn", "Voice", "Style", "Exemplar", "Word", "SpeakOptions",
            "spoken_text", "word_timings"]
 
 MIN_INPUT_RATE, MAX_INPUT_RATE = 8_000, 192_000
 
 
 class Voice:
-    """A voice prompt: reference audio (as Mimi codes) and its transcript."""
+    """A voice prompt: reference audio (as Mimi codes) and its transcript. Conversations that pin
+    the same Voice for the same speaker share its cache rows (prefilled once per service)."""
 
     def __init__(self, name: str, text: str, codes: np.ndarray):
         self.name, self.text, self.codes = name, text, as_codes(codes)
 
+    def same_as(self, text: str, codes: np.ndarray) -> bool:
+        return self.text == text and np.array_equal(self.codes, codes)
+
+    def key(self, speaker: int) -> SharedKey:
+        return SharedKey((self, speaker))  # by identity: a voice registered again is a new one
+
     def __repr__(self) -> str:
         return f"Voice({self.name!r}, frames={self.codes.shape[0]})"
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    """One exemplar of a style: `speaker` saying `text` in that style (mono audio at any rate)."""
+
+    speaker: int
+    text: str
+    audio: np.ndarray
+    sample_rate: int
+
+
+class Style:
+    """A registered style: exemplar segments (Mimi codes) placed just before a styled reply."""
+
+    def __init__(self, name: str, segments: list[Segment]):
+        self.name, self.segments = name, segments
+
+    def __repr__(self) -> str:
+        return f"Style({self.name!r}, exemplars={len(self.segments)})"
 
 
 class CSMService:
@@ -60,7 +90,8 @@ class CSMService:
     default the model's 2048) bounds a conversation's context plus the reply being generated.
     quantize="int8" makes CPU decoding about 4x faster; compile=True compiles the frame steps
     (CUDA graphs on GPUs, the fast choice there) for batches up to max_cached_conversations
-    while the service starts.
+    while the service starts. unknown_style_tags: what a leading "[name]" tag that names no
+    registered style does: "drop" (removed, the reply is unstyled) or "speak" (spoken as text).
     """
 
     def __init__(
@@ -75,6 +106,7 @@ class CSMService:
         chunk_frames: int = 1,
         quantize: str | None = None,
         compile: bool = False,
+        unknown_style_tags: UnknownTags = "drop",
     ):
         if max_cached_conversations < 1:
             raise InputError("max_cached_conversations must be at least 1")
@@ -91,6 +123,8 @@ class CSMService:
         self._start_lock = threading.Lock()
         self._conversations: dict[str, Conversation] = {}
         self._voices: dict[str, Voice] = {}
+        self._styles: dict[str, Style] = {}
+        self.unknown_style_tags = check_unknown_tags(unknown_style_tags)
 
     async def start(self) -> CSMService:
         """Load the model on the inference thread (idempotent)."""
@@ -163,12 +197,44 @@ class CSMService:
         return self._text_tokens(segment.speaker, segment.text) + (segment.frames + 1 if segment.codes is not None else 0)
 
     async def add_voice(self, name: str, *, text: str, audio: np.ndarray, sample_rate: int) -> Voice:
-        """Register a named voice prompt (reference audio + its transcript), encoded once."""
+        """Register a named voice prompt (reference audio + its transcript), encoded once.
+        Registering the same name with the same content again keeps the voice (and its shared
+        cache rows); with other content it replaces it for conversations created afterwards."""
+        check_name(name, "voice")
         text = check_text(text)
         wav = _check_audio(audio, sample_rate)
-        codes = await self._encode(wav, sample_rate)
-        self._voices[name] = Voice(name, text, codes)
-        return self._voices[name]
+        codes = as_codes(await self._encode(wav, sample_rate))
+        voice = self._voices.get(name)
+        if voice is None or not voice.same_as(text, codes):
+            voice = self._voices[name] = Voice(name, text, codes)
+        return voice
+
+    @property
+    def voices(self) -> list[str]:
+        return sorted(self._voices)
+
+    async def add_style(self, name: str, exemplars: Iterable[Exemplar]) -> Style:
+        """Register a style: one or more short exemplars of it, encoded once. A reply spoken with
+        `style=name` (or whose text starts with the tag "[name]") is conditioned on them, placed
+        just before it; the history does not record them (the listener never heard them)."""
+        check_name(name, "style")
+        exemplars = list(exemplars)
+        if not exemplars or not all(isinstance(e, Exemplar) for e in exemplars):
+            raise InputError("a style needs one or more Exemplar(speaker, text, audio, sample_rate)")
+        checked = [(check_speaker(e.speaker), check_text(e.text), _check_audio(e.audio, e.sample_rate), e.sample_rate) for e in exemplars]
+        segments = [Segment(speaker, text, as_codes(await self._encode(wav, rate))) for speaker, text, wav, rate in checked]
+        self._styles[name] = Style(name, segments)
+        return self._styles[name]
+
+    @property
+    def styles(self) -> list[str]:
+        return sorted(self._styles)
+
+    def _style(self, name: str) -> Style:
+        if name not in self._styles:
+            known = ", ".join(self.styles) or "none registered"
+            raise InputError(f"unknown style {name!r} (styles: {known}); register it with add_style() first")
+        return self._styles[name]
 
     def conversation(
         self, conversation_id: str, *, voices: Mapping[int, str] | None = None, context_budget: int | None = None
@@ -182,9 +248,9 @@ class CSMService:
         pinned = []
         for speaker, name in (voices or {}).items():
             if name not in self._voices:
-                raise InputError(f"unknown voice {name!r}; register it with add_voice() first")
-            voice = self._voices[name]
-            pinned.append(Segment(check_speaker(speaker), voice.text, voice.codes))
+                known = ", ".join(self.voices) or "none registered"
+                raise InputError(f"unknown voice {name!r} (voices: {known}); register it with add_voice() first")
+            pinned.append((check_speaker(speaker), self._voices[name]))
         conv = self._conversations[conversation_id] = Conversation(self, conversation_id, pinned, context_budget)
         return conv
 
@@ -224,11 +290,16 @@ class Conversation(HistoryView):
     Every change to the history is announced to the listeners added with `subscribe` as a list of
     `csm_plugin.conversation.history` events (the server forwards them to its client)."""
 
-    def __init__(self, service: CSMService, conversation_id: str, voices: list[Segment], context_budget: int | None = None):
+    def __init__(
+        self, service: CSMService, conversation_id: str, voices: list[tuple[int, Voice]], context_budget: int | None = None
+    ):
         self.service = service
         self.id = conversation_id
         self._context_budget = context_budget
-        self._history = History(voices, rows=service._rows, budget=self.context_budget)
+        segments = [Segment(speaker, voice.text, voice.codes) for speaker, voice in voices]
+        self._history = History(segments, rows=service._rows, budget=self.context_budget)
+        # The pinned voices' cache keys: shared with every conversation pinning the same voices.
+        self._shared_keys = {turn.id: voice.key(speaker) for turn, (speaker, voice) in zip(self._history.voices, voices)}
         # weak: a reply dropped by its reader (a `break`) must be collectable, so that it finishes
         self._reply_ref: Callable[[], Reply | None] = lambda: None
         self._listeners: list[Callable[[list[Event]], None]] = []
@@ -303,8 +374,8 @@ class Conversation(HistoryView):
             self.service._submit(Engine.prefill_context_steps, self.id, self._keyed()).add_done_callback(_log_failure)
         return events
 
-    def _keyed(self, turns: list[Turn] | None = None) -> list[tuple[int, Segment]]:
-        return [(t.id, t.segment) for t in (self._history if turns is None else turns)]
+    def _keyed(self, turns: list[Turn] | None = None) -> list[tuple[Hashable, Segment]]:
+        return [(self._shared_keys.get(t.id, t.id), t.segment) for t in (self._history if turns is None else turns)]
 
     def speak(self, text: str, options: SpeakOptions | None = None, **changes) -> Reply:
         """Speak `text`: audio chunks (chunk_frames x 80 ms) as they are generated. Options are a
@@ -317,14 +388,22 @@ class Conversation(HistoryView):
 
     def _begin(self, reply: Reply) -> list[Turn]:
         """Claim the conversation for `reply` (validated first); the context it is conditioned on."""
-        reply.text = check_text(reply.text)
-        reply.options = options = SpeakOptions.build(reply.options, **reply.changes).with_seed()
-        tokens = self.service._text_tokens(options.speaker, reply.text)
-        if tokens > self.service.max_text_tokens:
-            raise InputError(f"text is too long: {tokens} tokens, at most {self.service.max_text_tokens}; split it into sentences")
+        service = self.service
+        text = check_text(reply.text)
+        options = SpeakOptions.build(reply.options, **reply.changes).with_seed()
+        tag, untagged = split_style_tag(text)  # "[comforting] I'm so sorry.": the tag is never spoken
+        if tag is not None and (tag in service._styles or service.unknown_style_tags == "drop"):
+            text = check_text(untagged)
+            options = dataclasses.replace(options, style=tag) if tag in service._styles else options
+        style = service._style(options.style) if options.style is not None else None
+        tokens = service._text_tokens(options.speaker, text)
+        if tokens > service.max_text_tokens:
+            raise InputError(f"text is too long: {tokens} tokens, at most {service.max_text_tokens}; split it into sentences")
         self._check_idle()
-        room = tokens + max_frames_for_text(reply.text, options.max_audio_ms) + 1
+        exemplar_rows = sum(service._rows(segment) for segment in style.segments) if style is not None else 0
+        room = tokens + max_frames_for_text(text, options.max_audio_ms) + 1 + exemplar_rows
         context = self._history.context_for(room, self.context_budget)  # ContextTooLongError leaves us idle
+        reply.text, reply.options, reply.style = text, options, style
         self._reply_ref = weakref.ref(reply)
         return context
 
@@ -372,6 +451,7 @@ class Reply(AsyncIterator[AudioChunk]):
         self.options = options
         self.changes = changes
         self._context: list[Turn] | None = None  # set when the reply claims the conversation
+        self.style: Style | None = None  # set with it: the style whose exemplars precede the reply
         self._queue: asyncio.Queue = asyncio.Queue()
         self._started: Future | None = None  # the worker job that prefills and starts the stream
         self._stream: Stream | None = None
@@ -426,6 +506,9 @@ class Reply(AsyncIterator[AudioChunk]):
         options = self.options
         sampling = Sampling(options.temperature, options.top_k, options.seed, options.max_audio_ms)
         keyed = conv._keyed(self._context)
+        # A style's exemplars condition this reply only: fresh keys, and the cache drops them at the end.
+        exemplars = self.style.segments if self.style is not None else []
+        keyed += [(object(), segment) for segment in exemplars]
         self._words = word_timings(self.text)
 
         def on_frame(item) -> None:  # worker thread; raises if the loop is gone (the worker copes)
@@ -434,7 +517,7 @@ class Reply(AsyncIterator[AudioChunk]):
         text = self.text  # the closures below must not hold the Reply (a dropped reply is finished when collected)
 
         def start(engine: Engine):  # a step generator: the worker interleaves its prefill chunks
-            stream = yield from engine.start_steps(conv.id, keyed, options.speaker, text, sampling)
+            stream = yield from engine.start_steps(conv.id, keyed, options.speaker, text, sampling, transient=len(exemplars))
             worker.add_stream(stream, on_frame)
             return stream
 

@@ -332,8 +332,8 @@ def test_a_slow_listener_pauses_its_stream(hf_checkpoint):
             stream_ref = {}
             original = service.engine.start_steps
 
-            def spy(*args):
-                stream = yield from original(*args)
+            def spy(*args, **kwargs):
+                stream = yield from original(*args, **kwargs)
                 stream_ref["s"] = stream
                 return stream
 

@@ -3,6 +3,7 @@
     sampling.py  Sampling settings, the reply length bound, seeded Gumbel top-k sampling
     frames.py    one frame's model calls (compilable) and FrameGenerator, which runs them
     slots.py     cache slot bookkeeping: owners, cached segments, LRU eviction (SlotPool)
+    prefixes.py  shared context prefixes (pinned voice prompts' rows, computed once)
     core.py      Engine (prefill with prefix reuse, batched steps, finish), Stream, AudioFrame
     worker.py    InferenceWorker, the one thread that owns the Engine
 
@@ -12,6 +13,7 @@ each of them.
 
 from .core import FRAME_MS, AudioFrame, Engine, Stream, parse_dtype
 from .frames import FrameGenerator, batch_bucket, feed_frame, first_codebooks, next_codebook
+from .prefixes import PrefixStore, SharedKey
 from .sampling import Sampling, gumbel_noise, max_frames_for_text, noise_keys, sample_topk, top_k_bucket
 from .slots import CachedSegment, Lease, Slot, SlotPool, SlotReleasedError, SlotsBusyError
 from .worker import InferenceWorker
@@ -24,7 +26,9 @@ __all__ = [
     "FrameGenerator",
     "InferenceWorker",
     "Lease",
+    "PrefixStore",
     "Sampling",
+    "SharedKey",
     "Slot",
     "SlotPool",
     "SlotReleasedError",

@@ -18,6 +18,7 @@ from ..models.loading import DEFAULT_MODEL, LoadedCheckpoint, load_checkpoint
 from ..prompt import Segment, audio_rows, segment_rows, text_rows
 from .frames import FrameGenerator
 from .sampling import FRAME_MS, Sampling, max_frames_for_text
+from .prefixes import PrefixStore, StoredPrefix, shared_prefix
 from .slots import CachedSegment, Lease, Slot, SlotPool, SlotReleasedError
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Stream:
     limit: int
     text_rows: int
     lease: Lease | None = None  # the slot as it was when the stream started (see SlotPool)
+    keep_end: int = -1  # where the context the cache keeps ends (before a style's exemplars); -1: text_start
     codes: list[torch.Tensor] = field(default_factory=list)
     fed: int = 0
     done: bool = False
@@ -54,6 +56,10 @@ class Stream:
     # Flow control: frames handed out (worker thread) and taken by the listener (its thread).
     produced: int = 0
     consumed: int = 0
+
+    def __post_init__(self):
+        if self.keep_end < 0:
+            self.keep_end = self.text_start
 
     @property
     def frames_start(self) -> int:
@@ -73,6 +79,7 @@ class Engine:
         self.generator = FrameGenerator(checkpoint.model, slots=slots, compile=compile)
         self.codec_state = self.codec.decode_state(slots)  # Mimi decoder state: one row per cache slot
         self.slot_pool = SlotPool(slots)
+        self.prefixes = PrefixStore()  # pinned voice prompts' rows, shared by new conversations
 
     @classmethod
     def load(
@@ -133,6 +140,9 @@ class Engine:
         while keep < min(len(cached), len(context)) and cached[keep].key == context[keep][0]:
             keep += 1
         del cached[keep:]
+        shared = shared_prefix([key for key, _ in context])
+        if keep < len(shared) and (stored := self.prefixes.get(shared)) is not None:
+            keep = self._copy_prefix(slot, stored)  # the pinned voice prompts' rows, computed before
         position = state.end
         parts = [(key, segment_rows(self.tokenizer, seg)) for key, seg in context[keep:]]
         if not parts:
@@ -156,21 +166,47 @@ class Engine:
         for key, (rows, _) in parts:
             cached.append(CachedSegment(key, position, rows.shape[0]))
             position += rows.shape[0]
+        if shared and shared not in self.prefixes:
+            self._store_prefix(slot, len(shared))
         return slot
+
+    def _copy_prefix(self, slot: int, stored: StoredPrefix) -> int:
+        """Make `slot` start with a stored prefix; the number of context segments it covers."""
+        self.generator.model.backbone_cache.write_rows(slot, stored.k, stored.v)
+        segments, start = [], 0
+        for key, rows in zip(stored.keys, stored.rows):
+            segments.append(CachedSegment(key, start, rows))
+            start += rows
+        self.slots[slot].segments[:] = segments
+        return len(segments)
+
+    def _store_prefix(self, slot: int, count: int) -> None:
+        """Keep a copy of the first `count` cached segments' rows of `slot` (its shared prefix)."""
+        segments = self.slots[slot].segments[:count]
+        length = segments[-1].start + segments[-1].rows
+        k, v = self.generator.model.backbone_cache.read_rows(slot, length)
+        self.prefixes.put(StoredPrefix(tuple(c.key for c in segments), tuple(c.rows for c in segments), k, v))
 
     # --- generation ----------------------------------------------------------------------
 
     def start(
-        self, owner: Hashable, context: list[tuple[Hashable, Segment]], speaker: int, text: str, sampling: Sampling
+        self, owner: Hashable, context: list[tuple[Hashable, Segment]], speaker: int, text: str, sampling: Sampling,
+        *, transient: int = 0,
     ) -> Stream:
-        """Prefill the context (what is not cached yet) and the utterance's text rows."""
-        return _run_steps(self.start_steps(owner, context, speaker, text, sampling))
+        """Prefill the context (what is not cached yet) and the utterance's text rows. The last
+        `transient` context segments condition this utterance only (a style's exemplars): when
+        the stream finishes, the cache drops them and keeps the utterance right after the rest."""
+        return _run_steps(self.start_steps(owner, context, speaker, text, sampling, transient=transient))
 
     def start_steps(
-        self, owner: Hashable, context: list[tuple[Hashable, Segment]], speaker: int, text: str, sampling: Sampling
+        self, owner: Hashable, context: list[tuple[Hashable, Segment]], speaker: int, text: str, sampling: Sampling,
+        *, transient: int = 0,
     ) -> Generator[None, None, Stream]:
+        if not 0 <= transient <= len(context):
+            raise InputError(f"transient must be in 0..{len(context)}, got {transient}")
         slot = yield from self.prefill_context_steps(owner, context)
         start = self.slots[slot].end
+        keep_end = self.slots[slot].segments[len(context) - transient].start if transient else start
         tokens, mask = text_rows(self.tokenizer.encode_segment_text(speaker, text))
         # Room for at least one frame and the end-of-audio row that closes the segment later.
         limit = min(max_frames_for_text(text, sampling.max_audio_ms), self.max_positions - start - tokens.shape[0] - 1)
@@ -179,7 +215,7 @@ class Engine:
         h = self.generator.prefill(slot, tokens, mask, start=start)[None]
         self.slots[slot].streaming = True
         self.codec_state.reset_(rows=[slot])
-        return Stream(slot, text, sampling, start, h, limit, tokens.shape[0], lease=self.slot_pool.lease(slot))
+        return Stream(slot, text, sampling, start, h, limit, tokens.shape[0], lease=self.slot_pool.lease(slot), keep_end=keep_end)
 
     def step(self, stream: Stream) -> AudioFrame | None:
         """Generate and decode the stream's next frame; None (and done) at the end of the audio."""
@@ -268,22 +304,22 @@ class Engine:
         slot = self.slots[stream.slot]
         if slot.end != stream.text_start:  # truncated meanwhile: the next prefill redoes it
             return
+        base = stream.keep_end  # after the context the cache keeps (a style's exemplars go)
+        self.truncate(stream.slot, base)
         if segment is None:
-            self.truncate(stream.slot, stream.text_start)
             return
         frames = segment.frames
         fed = min(stream.fed, frames)
         same = fed == 0 or np.array_equal(np.asarray(segment.codes[:fed]), torch.stack(stream.codes[:fed]).numpy())
-        if frames and segment.text == stream.text and same:
+        if frames and segment.text == stream.text and same and base == stream.text_start:
             # The text rows and the first frames are in the cache already: add the rest.
             tokens, mask = audio_rows(segment.codes[fed:])
             start = stream.frames_start + fed
-        else:
+        else:  # the whole utterance again, right after the kept context
             tokens, mask = segment_rows(self.tokenizer, segment)
-            start = stream.text_start
+            start = base
         self.generator.prefill(stream.slot, tokens, mask, start=start)
-        rows = start + tokens.shape[0] - stream.text_start
-        slot.segments.append(CachedSegment(key, stream.text_start, rows))
+        slot.segments.append(CachedSegment(key, base, start + tokens.shape[0] - base))
 
     def synthesize(
         self, context: list[Segment], speaker: int, text: str, sampling: Sampling = Sampling()

@@ -149,6 +149,16 @@ class KVCache(nn.Module):
     def slots(self) -> int:
         return self.k.shape[1]
 
+    def read_rows(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of positions 0..length-1 of `slot`: k, v [layers, kv_heads, length, head_dim]."""
+        return self.k[:, slot, :, :length].clone(), self.v[:, slot, :, :length].clone()
+
+    def write_rows(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Overwrite positions 0..L-1 of `slot` with rows from read_rows (in place: the buffers
+        keep their addresses, which compiled CUDA graphs rely on)."""
+        self.k[:, slot, :, : k.shape[2]].copy_(k)
+        self.v[:, slot, :, : v.shape[2]].copy_(v)
+
     def update(self, layer: int, slots: torch.Tensor | None, positions: torch.Tensor, length: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, kv_heads, T, head_dim] at positions [B, T] of `slots` [B]; return the
         cache of those slots up to `length` (one past the furthest position): [B, kv_heads, L, head_dim].
