@@ -48,7 +48,7 @@ from .conversation.protocol import (
     segment_out,
     valid_conversation_id,
 )
-from .conversation.types import FRAME_MS, AudioChunk, Segment, check_speaker, check_text
+from .conversation.types import FRAME_MS, AudioChunk, Segment, check_name, check_speaker, check_text
 from .errors import AudioError, ContextTooLongError, ConversationBusyError, CSMError, EngineError, InputError
 
 log = logging.getLogger(__name__)
@@ -266,11 +266,16 @@ class RemoteBackend:
         return conv
 
     async def speech(
-        self, text: str, options: SpeakOptions | None = None, *, context: list[Segment] | None = None, **changes
+        self, text: str, options: SpeakOptions | None = None, *, context: list[Segment] | None = None,
+        voice: str | None = None, **changes
     ) -> bytes:
-        """One reply as a WAV file (POST /v1/speech), after an optional context of segments."""
+        """One reply as a WAV file (POST /v1/speech), after an optional context of segments.
+        `voice`: a voice registered on the server (its /v1/info lists them), pinned for the
+        reply's speaker; `style=` (a SpeakOptions field) names one of its styles."""
         options = SpeakOptions.build(options, **changes)
         body = {"text": check_text(text), **options.to_wire(), "context": [segment_out(s, "user") for s in context or []]}
+        if voice is not None:
+            body["voice"] = check_name(voice, "voice")
         retry = _Backoff(self)
         while True:
             async with self._session().post(

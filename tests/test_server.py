@@ -364,3 +364,92 @@ def test_config_sources_and_safety(tmp_path):
         ServerConfig.load(environ={"CSM_QUANTIZE": "int4"})
     args = build_parser().parse_args(["serve", "--model", "m", "--port", "0", "--no-auth", "--compile", "--quantize", "int8"])
     assert args.func.__name__ == "cmd_serve" and args.host is None and args.no_auth and args.compile and args.quantize == "int8"
+
+
+# --- voices and styles ----------------------------------------------------------------------------
+
+def test_speech_with_voices_and_styles_from_a_voices_file(hf_checkpoint, tmp_path):
+    from test_voices import example_copy, tone
+
+    prompts = example_copy(tmp_path)
+    legacy = tone(tmp_path / "legacy.wav", seconds=1.5)
+
+    async def main():
+        async with running_server(
+            hf_checkpoint, voices_file=[prompts], voices=[{"name": "agent", "text": "Hello, I am the agent.", "audio": str(legacy)}],
+        ) as (url, state), aiohttp.ClientSession() as s:
+            async with s.get(url + "/v1/info", headers=AUTH) as r:
+                info = await r.json()
+            assert info["voices"] == ["agent", "caller", "maya"]  # the config's list and the file's, one loader
+            assert info["styles"] == ["casual", "comforting", "formal", "motivating"]
+
+            async def wav(**fields):
+                async with s.post(url + "/v1/speech", headers=AUTH, json={"text": "Sure, I can help.", "seed": 4,
+                                                                            "max_audio_ms": 400, **fields}) as r:
+                    assert r.status == 200, await r.text()
+                    with wave.open(io.BytesIO(await r.read())) as w:
+                        return np.frombuffer(w.readframes(w.getnframes()), "<i2")
+
+            plain, maya, styled = await wav(), await wav(voice="maya"), await wav(style="comforting")
+            assert len(plain) == len(maya) == len(styled) == 5 * 1920
+            assert not np.array_equal(plain, maya) and not np.array_equal(plain, styled)  # both condition the reply
+            assert np.array_equal(await wav(voice="maya"), maya)  # the same seed and voice: the same audio
+            assert np.array_equal(await wav(text="[comforting] Sure, I can help."), styled)  # a tag is style=
+            assert not np.array_equal(await wav(voice="agent"), maya)
+            for bad, status, code, says in (
+                ({"voice": "nobody"}, 400, "unknown_voice", "unknown voice 'nobody'; this server has voices ['agent', 'caller', 'maya']"),
+                ({"voice": 5}, 400, "bad_message", "voice: expected the name of a voice"),
+                ({"style": "grumpy"}, 400, "invalid_input", "unknown style 'grumpy'; this server has styles ['casual'"),
+                ({"style": "no such"}, 400, "bad_message", "style name must be"),
+                ({"voices": {"0": "maya"}}, 400, "bad_message", "unknown speak option"),
+            ):
+                async with s.post(url + "/v1/speech", headers=AUTH, json={"text": "Hi.", **bad}) as r:
+                    error = (await r.json())["error"]
+                    assert r.status == status and error["code"] == code and says in error["message"], (bad, error)
+            assert len(state.sessions) == 0 and not state.service._conversations  # nothing left behind
+            assert metric_value(await scrape(s, url), "csm_streams_total", {"outcome": "completed"}) == 6
+            # the remote client sends the same fields
+            from csm_plugin.client import RemoteBackend, RemoteInputError
+
+            async with RemoteBackend(url, KEY) as backend:
+                assert backend.info["styles"] == info["styles"]
+                data = await backend.speech("Sure, I can help.", seed=4, max_audio_ms=400, voice="maya")
+                with wave.open(io.BytesIO(data)) as w:
+                    assert np.array_equal(np.frombuffer(w.readframes(w.getnframes()), "<i2"), maya)
+                data = await backend.speech("Sure, I can help.", seed=4, max_audio_ms=400, style="comforting")
+                with wave.open(io.BytesIO(data)) as w:
+                    assert np.array_equal(np.frombuffer(w.readframes(w.getnframes()), "<i2"), styled)
+                with pytest.raises(RemoteInputError, match="unknown voice 'nobody'"):
+                    await backend.speech("Hi.", voice="nobody")
+            # the WebSocket path pins the same voices at open
+            c = await Stream.connect(s, url)
+            ready = await c.request(type="open", voices={"0": "maya"})
+            assert ready["type"] == "ready" and [v["text"] for v in ready["voices"]] == [json.loads(prompts.read_text())["voices"]["maya"]["text"]]
+
+    run(main())
+
+
+def test_voices_config_through_the_voices_loader(tmp_path):
+    from test_voices import example_copy, tone
+
+    prompts = example_copy(tmp_path)
+    tone(tmp_path / "a.wav")
+    config = ServerConfig.load(environ={"CSM_VOICES_FILE": f"{prompts}:{prompts.parent / 'more.json'}"})
+    assert config.voices_file == [prompts, prompts.parent / "more.json"]
+    assert ServerConfig.load(environ={}, voices_file=str(prompts)).voices_file == [prompts]
+    file = tmp_path / "server.json"
+    file.write_text(json.dumps({"voices_file": str(prompts), "voices": [{"name": "a", "text": "Hi.", "audio": str(tmp_path / "a.wav")}]}))
+    config = ServerConfig.load(file, environ={})
+    loaded = config.prompts()
+    assert sorted(loaded.voices) == ["a", "caller", "maya"] and len(loaded.styles) == 4
+    assert loaded.voices["a"].path == tmp_path / "a.wav"
+    from csm_plugin.voices import VoicesFileError
+
+    for voices, says in (
+        ([{"name": "a", "text": "Hi.", "audio": str(tmp_path / "gone.wav")}], "the server config's voices: voice 'a': audio .*does not exist"),
+        ([{"name": "a b", "text": "Hi.", "audio": str(tmp_path / "a.wav")}], "voice name must be"),
+        ([{"name": "a", "text": "Hi.", "audio": str(tmp_path / "a.wav")}] * 2, "voice 'a' is defined twice"),
+        ([{"name": "maya", "text": "Hi.", "audio": str(tmp_path / "a.wav")}], "voice 'maya' is defined twice: in the server config's voices and in"),
+    ):
+        with pytest.raises(VoicesFileError, match=says):
+            ServerConfig.load(environ={}, voices=voices, voices_file=[prompts]).prompts()

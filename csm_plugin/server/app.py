@@ -1,4 +1,4 @@
-"""The aiohttp application: shared state, startup (load, register voices, warm up), drain.
+"""The aiohttp application: shared state, startup (load, register voices and styles, warm up), drain.
 
     app = create_app(ServerConfig.load(model="sesame/csm-1b", api_keys=[...]))
     web.run_app(app)  # or csm_plugin.server.run.serve(config) for SIGTERM draining
@@ -15,9 +15,9 @@ import logging
 
 from aiohttp import web
 
-from ..audio import read_mono
 from ..conversation.protocol import Code, ProtocolError
 from ..service import CSMService
+from ..voices import register
 from .admission import Admission
 from .auth import AuthThrottle, KeyRing
 from .config import ServerConfig
@@ -56,6 +56,7 @@ class ServerState:
             self.service, config.limits.retained_conversations, config.limits.idle_timeout_s, self.metrics.conversations.set
         )
         self.voice_names: set[str] = set()
+        self.style_names: set[str] = set()
         self.ready = False
         self.draining = False
         self.load_error: BaseException | None = None
@@ -96,13 +97,13 @@ class ServerState:
             return False
 
     async def load(self) -> None:
-        """Load the model, register the operator's voices, speak once: then ready."""
+        """Load the model, register the operator's voices and styles, speak once: then ready."""
         try:
             await self.service.start()
-            for voice in self.config.voices:
-                wav, rate = await asyncio.to_thread(read_mono, voice.audio)
-                await self.service.add_voice(voice.name, text=voice.text, audio=wav, sample_rate=rate)
-                self.voice_names.add(voice.name)
+            prompts = await asyncio.to_thread(self.config.prompts)  # the config's voices and voices files
+            await register(self.service, prompts)
+            self.voice_names.update(prompts.voices)
+            self.style_names.update(prompts.styles)
             if self.config.warmup:
                 conv = self.service.conversation("\x00warmup")
                 async for _ in conv.speak(WARMUP_TEXT, seed=0, max_audio_ms=160):

@@ -137,7 +137,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def info(request: web.Request) -> web.Response:
-    """What a client may send: limits, voices, audio format (needs a key; never names the model)."""
+    """What a client may send: limits, voices, styles, audio format (needs a key; never names the model)."""
     authenticate(request)
     state = request.app[STATE]
     check_ready(state)
@@ -147,6 +147,7 @@ async def info(request: web.Request) -> web.Response:
             "sample_rate": SAMPLE_RATE,
             "frame_ms": FRAME_MS,
             "voices": sorted(state.voice_names),
+            "styles": sorted(state.style_names),
             "limits": state.limits.model_dump(),
         }
     )
@@ -155,6 +156,26 @@ async def info(request: web.Request) -> web.Response:
 def check_text(state: ServerState, text: str, what: str = "text") -> None:
     if len(text) > state.limits.max_text_chars:
         raise ProtocolError(Code.TEXT_TOO_LONG, f"{what} is {len(text)} characters, at most {state.limits.max_text_chars}")
+
+
+def check_voice(state: ServerState, voice: object) -> None:
+    """A request's `voice`: None, or the name of a voice the operator registered (see /v1/info)."""
+    if voice is None:
+        return
+    if not isinstance(voice, str):
+        raise ProtocolError(Code.BAD_MESSAGE, f"voice: expected the name of a voice (a string), got {type(voice).__name__}")
+    if voice not in state.voice_names:
+        raise ProtocolError(Code.UNKNOWN_VOICE, f"unknown voice {voice[:80]!r}; {_registered('voices', state.voice_names)}")
+
+
+def check_style(state: ServerState, style: str | None) -> None:
+    """A request's `style` (already a valid name): None, or a style the operator registered."""
+    if style is not None and style not in state.style_names:
+        raise ProtocolError(Code.INVALID_INPUT, f"unknown style {style!r}; {_registered('styles', state.style_names)}")
+
+
+def _registered(what: str, names: set[str]) -> str:
+    return f"this server has {what} {sorted(names)}" if names else f"this server has no {what} (serve --voices FILE adds them)"
 
 
 def reply_ms(state: ServerState, text: str, requested: float | None) -> float:
@@ -182,12 +203,18 @@ async def speech(request: web.Request) -> web.Response:
     state = request.app[STATE]
     check_ready(state)
     body = parse_json(await request.read())  # bad_message for bad JSON, deep nesting, lone surrogates
+    voice = None
+    if isinstance(body, dict) and "voice" in body:  # the reply's voice: a request field, not a speak option
+        body = dict(body)
+        voice = body.pop("voice")
     try:
         req = SpeechRequest.model_validate(body)
     except Exception as e:  # noqa: BLE001 - pydantic's ValidationError
         message = describe_validation_error(e) if hasattr(e, "errors") else str(e)
         raise ProtocolError(Code.BAD_MESSAGE, message) from None
     check_text(state, req.text)
+    check_voice(state, voice)
+    check_style(state, req.options.style)
     if len(req.context) > state.limits.max_history_segments:
         raise ProtocolError(Code.HISTORY_TOO_LONG, f"at most {state.limits.max_history_segments} context segments")
     context = [segment_from_wire(state, item, allow_audio=True) for item in req.context]
@@ -195,7 +222,8 @@ async def speech(request: web.Request) -> web.Response:
     start = time.perf_counter()
     place = await state.admission.acquire(principal.key_id)  # Busy: 503 with Retry-After
     state.metrics.queue_wait.observe(time.perf_counter() - start)
-    conv = state.service.conversation(f"{principal.key_id}/\x00http-{secrets.token_hex(8)}")
+    voices = {req.options.speaker: voice} if voice is not None else None  # pinned for the reply's speaker
+    conv = state.service.conversation(f"{principal.key_id}/\x00http-{secrets.token_hex(8)}", voices=voices)
     state.stream_started(principal.key_id)
     outcome = "error"
     try:
