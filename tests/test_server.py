@@ -421,10 +421,18 @@ def test_speech_with_voices_and_styles_from_a_voices_file(hf_checkpoint, tmp_pat
                     assert np.array_equal(np.frombuffer(w.readframes(w.getnframes()), "<i2"), styled)
                 with pytest.raises(RemoteInputError, match="unknown voice 'nobody'"):
                     await backend.speech("Hi.", voice="nobody")
-            # the WebSocket path pins the same voices at open
+            # the WebSocket path: the same voices pinned at open, the same styles as a speak option
             c = await Stream.connect(s, url)
             ready = await c.request(type="open", voices={"0": "maya"})
             assert ready["type"] == "ready" and [v["text"] for v in ready["voices"]] == [json.loads(prompts.read_text())["voices"]["maya"]["text"]]
+            _, pcm, done = await c.reply(text="Sure, I can help.", seed=4, max_audio_ms=400)
+            assert done["reason"] == "completed" and np.array_equal(np.frombuffer(b"".join(pcm), "<i2"), maya)
+            c = await Stream.connect(s, url, "styled")
+            await c.request(type="open")
+            _, pcm, done = await c.reply(text="Sure, I can help.", seed=4, max_audio_ms=400, style="comforting")
+            assert done["reason"] == "completed" and np.array_equal(np.frombuffer(b"".join(pcm), "<i2"), styled)
+            _, pcm, done = await c.reply(text="Hi.", style="grumpy")
+            assert pcm == [] and done["error"]["code"] == "invalid_input" and "unknown style 'grumpy'" in done["error"]["message"]
 
     run(main())
 
