@@ -395,6 +395,7 @@ def test_speech_with_voices_and_styles_from_a_voices_file(hf_checkpoint, tmp_pat
             assert not np.array_equal(plain, maya) and not np.array_equal(plain, styled)  # both condition the reply
             assert np.array_equal(await wav(voice="maya"), maya)  # the same seed and voice: the same audio
             assert np.array_equal(await wav(text="[comforting] Sure, I can help."), styled)  # a tag is style=
+            assert np.array_equal(await wav(text="[grumpy] Sure, I can help."), plain)  # an unknown tag is dropped
             assert not np.array_equal(await wav(voice="agent"), maya)
             for bad, status, code, says in (
                 ({"voice": "nobody"}, 400, "unknown_voice", "unknown voice 'nobody'; this server has voices ['agent', 'caller', 'maya']"),
@@ -407,7 +408,7 @@ def test_speech_with_voices_and_styles_from_a_voices_file(hf_checkpoint, tmp_pat
                     error = (await r.json())["error"]
                     assert r.status == status and error["code"] == code and says in error["message"], (bad, error)
             assert len(state.sessions) == 0 and not state.service._conversations  # nothing left behind
-            assert metric_value(await scrape(s, url), "csm_streams_total", {"outcome": "completed"}) == 6
+            assert metric_value(await scrape(s, url), "csm_streams_total", {"outcome": "completed"}) == 7
             # the remote client sends the same fields
             from csm_plugin.client import RemoteBackend, RemoteInputError
 
@@ -451,7 +452,14 @@ def test_voices_config_through_the_voices_loader(tmp_path):
     loaded = config.prompts()
     assert sorted(loaded.voices) == ["a", "caller", "maya"] and len(loaded.styles) == 4
     assert loaded.voices["a"].path == tmp_path / "a.wav"
+    from csm_plugin.server.app import ServerState
     from csm_plugin.voices import VoicesFileError
+
+    speak_tags = ServerConfig.load(environ={"CSM_UNKNOWN_STYLE_TAGS": "speak"}, allow_no_auth=True)
+    assert ServerState(speak_tags).service.unknown_style_tags == "speak"
+    assert ServerState(ServerConfig.load(environ={}, allow_no_auth=True)).service.unknown_style_tags == "drop"
+    with pytest.raises(ConfigError, match="unknown_style_tags"):
+        ServerConfig.load(environ={"CSM_UNKNOWN_STYLE_TAGS": "shout"})
 
     for voices, says in (
         ([{"name": "a", "text": "Hi.", "audio": str(tmp_path / "gone.wav")}], "the server config's voices: voice 'a': audio .*does not exist"),

@@ -51,6 +51,7 @@ class ServerState:
             max_cached_conversations=config.max_cached_conversations,
             context_budget=config.limits.context_positions,
             chunk_frames=config.chunk_frames,
+            unknown_style_tags=config.unknown_style_tags,
         )
         self.sessions = Sessions(
             self.service, config.limits.retained_conversations, config.limits.idle_timeout_s, self.metrics.conversations.set

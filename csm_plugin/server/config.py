@@ -113,6 +113,9 @@ class ServerConfig(BaseModel):
     voices_file: list[Path] = Field(
         default_factory=list, description="voices and styles files (docs/voices.md) registered at startup; one path or a list"
     )
+    unknown_style_tags: Literal["drop", "speak"] = Field(
+        "drop", description="a reply's leading [name] tag that names no registered style: dropped, or spoken as text"
+    )
     warmup: bool = True
     drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM: how long running replies may take to finish")
     heartbeat_s: float = Field(30.0, gt=0, description="WebSocket ping interval")
@@ -260,6 +263,7 @@ _ENV_FIELDS = {
     "METRICS_PORT": "metrics_port",
     "METRICS_HOST": "metrics_host",
     "VOICES_FILE": "voices_file",
+    "UNKNOWN_STYLE_TAGS": "unknown_style_tags",
 }
 
 
