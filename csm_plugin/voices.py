@@ -28,8 +28,8 @@ import numpy as np
 from .conversation.types import FRAME_MS, check_name, check_speaker, check_text
 from .errors import InputError
 
-__all__ = ["VoicesFileError", "VoiceEntry", "ExemplarEntry", "StyleEntry", "Prompts", "load", "load_many",
-           "from_mapping", "read_clip", "register", "MAX_CLIP_SECONDS", "MIN_RATE", "MAX_RATE"]
+__all__ = ["MAX_CLIP_SECONDS", "MAX_RATE", "MIN_RATE", "ExemplarEntry", "Prompts", "StyleEntry", "VoiceEntry",
+           "VoicesFileError", "from_mapping", "load", "load_many", "read_clip", "register"]
 
 MIN_RATE, MAX_RATE = 8_000, 192_000  # the service's input rates (csm_plugin.service)
 MAX_CLIP_SECONDS = 30.0  # a prompt is conditioning, not content: 3-10 s is the sweet spot (docs/voices.md)

@@ -396,7 +396,10 @@ def test_speak_with_a_voice_or_a_style_conditions_the_reply(hf_checkpoint, tmp_p
 def test_voice_and_style_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys, extra, says):
     prompts = voices_file(tmp_path)
     (tmp_path / "broken.json").write_text('{"voices": {"a": {"text": "Hi."}}}')
-    fill = lambda s: s.format(prompts=prompts, dir=tmp_path)  # noqa: E731
+
+    def fill(text: str) -> str:
+        return text.format(prompts=prompts, dir=tmp_path)
+
     argv = ["speak", "--model", str(tmp_path / "none"), "--text", "Hi.", "--out", str(tmp_path / "x.wav"), *map(fill, extra)]
     assert main(argv) == 2
     line = one_line_error(capsys.readouterr().err)
