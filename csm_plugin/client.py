@@ -127,6 +127,7 @@ _ERRORS: dict[str, type[RemoteError]] = {
     Code.INVALID_INPUT: RemoteInputError,
     Code.TEXT_TOO_LONG: RemoteInputError,
     Code.UNKNOWN_VOICE: RemoteInputError,
+    Code.UNKNOWN_STYLE: RemoteInputError,
     Code.INVALID_AUDIO: RemoteAudioError,
     Code.AUDIO_TOO_LONG: RemoteAudioError,
     Code.CONTEXT_TOO_LONG: RemoteContextTooLongError,

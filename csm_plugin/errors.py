@@ -17,6 +17,10 @@ class InputError(CSMError, ValueError):
     """Bad text, speaker or sampling arguments."""
 
 
+class UnknownStyleError(InputError):
+    """A reply names a style that is not registered (`add_style`, or the server's voices file)."""
+
+
 class ContextTooLongError(CSMError, ValueError):
     """The prompt does not fit in the model's position budget."""
 

@@ -34,7 +34,7 @@ from .conversation.options import SpeakOptions
 from .conversation.styles import UnknownTags, check_unknown_tags, split_style_tag
 from .conversation.types import FRAME_MS, AudioChunk, Origin, Segment, Turn, Word, as_codes, check_name, check_speaker, check_text
 from .engine import AudioFrame, Engine, InferenceWorker, Sampling, SharedKey, SlotReleasedError, SlotsBusyError, Stream, max_frames_for_text
-from .errors import AudioError, ConversationBusyError, CSMError, InputError
+from .errors import AudioError, ConversationBusyError, CSMError, InputError, UnknownStyleError
 from .models.loading import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class CSMService:
     def _style(self, name: str) -> Style:
         if name not in self._styles:
             known = ", ".join(self.styles) or "none registered"
-            raise InputError(f"unknown style {name!r} (styles: {known}); register it with add_style() first")
+            raise UnknownStyleError(f"unknown style {name!r} (styles: {known}); register it with add_style() first")
         return self._styles[name]
 
     def conversation(

@@ -400,7 +400,7 @@ def test_speech_with_voices_and_styles_from_a_voices_file(hf_checkpoint, tmp_pat
             for bad, status, code, says in (
                 ({"voice": "nobody"}, 400, "unknown_voice", "unknown voice 'nobody'; this server has voices ['agent', 'caller', 'maya']"),
                 ({"voice": 5}, 400, "bad_message", "voice: expected the name of a voice"),
-                ({"style": "grumpy"}, 400, "invalid_input", "unknown style 'grumpy'; this server has styles ['casual'"),
+                ({"style": "grumpy"}, 400, "unknown_style", "unknown style 'grumpy'; this server has styles ['casual'"),
                 ({"style": "no such"}, 400, "bad_message", "style name must be"),
                 ({"voices": {"0": "maya"}}, 400, "bad_message", "unknown speak option"),
             ):
@@ -433,7 +433,7 @@ def test_speech_with_voices_and_styles_from_a_voices_file(hf_checkpoint, tmp_pat
             _, pcm, done = await c.reply(text="Sure, I can help.", seed=4, max_audio_ms=400, style="comforting")
             assert done["reason"] == "completed" and np.array_equal(np.frombuffer(b"".join(pcm), "<i2"), styled)
             _, pcm, done = await c.reply(text="Hi.", style="grumpy")
-            assert pcm == [] and done["error"]["code"] == "invalid_input" and "unknown style 'grumpy'" in done["error"]["message"]
+            assert pcm == [] and done["error"]["code"] == "unknown_style" and "unknown style 'grumpy'" in done["error"]["message"]
 
     run(main())
 

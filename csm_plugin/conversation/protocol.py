@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
-from ..errors import AudioError, ContextTooLongError, ConversationBusyError, CSMError, EngineError, InputError
+from ..errors import AudioError, ContextTooLongError, ConversationBusyError, CSMError, EngineError, InputError, UnknownStyleError
 from .history import Dropped, Event, Recorded, Removed, Trimmed
 from .options import SpeakOptions
 from .types import AUDIO_VOCAB, NUM_CODEBOOKS, SAMPLE_RATE, AudioChunk, Origin, Segment, Word, as_codes
@@ -47,6 +47,7 @@ class Code:
     INVALID_INPUT = "invalid_input"
     INVALID_AUDIO = "invalid_audio"
     UNKNOWN_VOICE = "unknown_voice"
+    UNKNOWN_STYLE = "unknown_style"
     UNKNOWN_CONVERSATION = "unknown_conversation"
     NOT_OPEN = "not_open"
     BUSY = "busy"
@@ -78,6 +79,8 @@ def error_code(error: BaseException) -> str:
         return Code.CONTEXT_TOO_LONG
     if isinstance(error, AudioError):
         return Code.INVALID_AUDIO
+    if isinstance(error, UnknownStyleError):
+        return Code.UNKNOWN_STYLE
     if isinstance(error, InputError):
         return Code.INVALID_INPUT
     if isinstance(error, ConversationBusyError):

@@ -171,7 +171,7 @@ def check_voice(state: ServerState, voice: object) -> None:
 def check_style(state: ServerState, style: str | None) -> None:
     """A request's `style` (already a valid name): None, or a style the operator registered."""
     if style is not None and style not in state.style_names:
-        raise ProtocolError(Code.INVALID_INPUT, f"unknown style {style!r}; {_registered('styles', state.style_names)}")
+        raise ProtocolError(Code.UNKNOWN_STYLE, f"unknown style {style!r}; {_registered('styles', state.style_names)}")
 
 
 def _registered(what: str, names: set[str]) -> str:
