@@ -1,6 +1,12 @@
 """The LiveKit Agents plugin (livekit.plugins.csm), offline: no LiveKit server, no room, no keys.
 
-A small random checkpoint speaks; replies are capped at a few frames so the file stays fast."""
+A small random checkpoint speaks; replies are capped at a few frames so the file stays fast.
+What each test mirrors in LiveKit Agents 1.8: `tts.ChunkedStream` / `tts.SynthesizeStream` and
+their `AudioEmitter` (frames pushed as they exist, one final event, one TTSMetrics per request or
+segment, `_mark_started` for TTFB), upstream tests/test_tts.py's streamed synthesis (text pushed
+token by token, audio out before the input ends), `tts.FallbackAdapter`, `TTS.prewarm`,
+`livekit.agents.testing.fake_job_context`, and an `AgentSession` with a capturing
+`io.AudioOutput` (the pattern of upstream tests/fake_io.py)."""
 
 from __future__ import annotations
 
@@ -19,154 +25,31 @@ pytest.importorskip("livekit.agents")
 
 from livekit import rtc  # noqa: E402
 from livekit.agents import (  # noqa: E402
-    DEFAULT_API_CONNECT_OPTIONS,
     Agent,
     AgentSession,
     APIConnectOptions,
     APIError,
-    llm,
     tts,
 )
 from livekit.agents.voice import io  # noqa: E402
 from livekit.plugins import csm  # noqa: E402
+from test_livekit_support import (  # noqa: E402
+    FRAME,
+    REPLY_MS,
+    SEED,
+    SR,
+    CaptureOutput,
+    CountingBackend,
+    ScriptedLLM,
+    ToneTTS,
+    frames_of,
+    wait_until,
+)
 
 from csm_plugin.backend import shared_service  # noqa: E402
+from csm_plugin.conversation.clauses import split_text  # noqa: E402
+from csm_plugin.conversation.options import SpeakOptions  # noqa: E402
 from csm_plugin.engine import Engine, Sampling  # noqa: E402
-
-SR = 24000
-FRAME = SR * 80 // 1000  # samples in one CSM frame
-REPLY_MS = 480  # 6 frames per sentence
-SEED = 7
-
-
-def frames_of(segment) -> int:
-    return 0 if segment.codes is None else segment.codes.shape[0]
-
-
-# --- helpers ------------------------------------------------------------------------------------
-
-
-class CountingBackend:
-    """The real service, observed: counts the chunks its replies have produced so far."""
-
-    def __init__(self, service):
-        self.service = service
-        self.yielded = 0
-
-    async def start(self):
-        return self
-
-    def conversation(self, conversation_id, *, voices=None):
-        return _CountingConversation(self, self.service.conversation(conversation_id, voices=voices))
-
-    async def close(self):
-        pass
-
-
-class _CountingConversation:
-    def __init__(self, backend, conv):
-        self._backend, self._conv = backend, conv
-        self.id = conv.id
-
-    def __getattr__(self, name):
-        return getattr(self._conv, name)
-
-    async def speak(self, text, options=None, **kw):
-        gen = self._conv.speak(text, options, **kw)
-        try:
-            async for chunk in gen:
-                self._backend.yielded += 1
-                yield chunk
-        finally:
-            await gen.aclose()
-
-
-class ScriptedLLM(llm.LLM):
-    """Replies with the next scripted text, a word at a time."""
-
-    def __init__(self, replies: list[str]):
-        super().__init__()
-        self.replies = list(replies)
-
-    def chat(self, *, chat_ctx, tools=None, conn_options=DEFAULT_API_CONNECT_OPTIONS, **kw):
-        return _ScriptedStream(self, self.replies.pop(0), chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
-
-
-class _ScriptedStream(llm.LLMStream):
-    def __init__(self, owner, reply, **kw):
-        super().__init__(owner, **kw)
-        self._reply = reply
-
-    async def _run(self) -> None:
-        for i, word in enumerate(self._reply.split(" ")):
-            await asyncio.sleep(0)
-            token = word if i == 0 else " " + word
-            self._event_ch.send_nowait(llm.ChatChunk(id="r", delta=llm.ChoiceDelta(role="assistant", content=token)))
-
-
-class CaptureOutput(io.AudioOutput):
-    """An audio sink that 'plays' each segment instantly when it ends, unless `hold` is set: then
-    the segment keeps playing until clear_buffer (an interruption), which reports that only
-    `played_fraction` of what the sink received was played."""
-
-    def __init__(self, played_fraction: float = 0.5):
-        super().__init__(label="capture", capabilities=io.AudioOutputCapabilities(pause=False), sample_rate=None)
-        self.frames: list[rtc.AudioFrame] = []
-        self.played_fraction = played_fraction
-        self.hold = False
-        self.reported: list[io.PlaybackFinishedEvent] = []
-        self._segment = 0.0
-        self._open = False
-        self.on("playback_finished", self.reported.append)
-
-    @property
-    def duration(self) -> float:
-        return sum(f.duration for f in self.frames)
-
-    async def capture_frame(self, frame: rtc.AudioFrame) -> None:
-        await super().capture_frame(frame)
-        if not self._open:
-            self._open = True
-            self.on_playback_started(created_at=0.0)
-        self.frames.append(frame)
-        self._segment += frame.duration
-
-    def flush(self) -> None:
-        super().flush()
-        if self._open and not self.hold:
-            self.on_playback_finished(playback_position=self._segment, interrupted=False)
-            self._segment, self._open = 0.0, False
-
-    def clear_buffer(self) -> None:
-        if self._open:
-            self.on_playback_finished(playback_position=self._segment * self.played_fraction, interrupted=True)
-            self._segment, self._open = 0.0, False
-
-
-class ToneTTS(tts.TTS):
-    """A trivial second TTS for the fallback test."""
-
-    def __init__(self):
-        super().__init__(capabilities=tts.TTSCapabilities(streaming=False), sample_rate=SR, num_channels=1)
-
-    def synthesize(self, text, *, conn_options=DEFAULT_API_CONNECT_OPTIONS):
-        return _ToneStream(tts=self, input_text=text, conn_options=conn_options)
-
-
-class _ToneStream(tts.ChunkedStream):
-    async def _run(self, output_emitter):
-        output_emitter.initialize(request_id="tone", sample_rate=SR, num_channels=1, mime_type="audio/pcm")
-        t = np.arange(SR // 4) / SR
-        output_emitter.push((3000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16).tobytes())
-
-
-async def wait_until(predicate, what: str, steps: int = 600) -> None:
-    for _ in range(steps):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"gave up waiting for {what}")
-
 
 # --- import ---------------------------------------------------------------------------------------
 
@@ -201,6 +84,8 @@ def test_import_loads_no_weights_and_starts_no_threads():
 
 @pytest.mark.asyncio
 async def test_synthesize_streams_frames_before_generation_ends(hf_checkpoint):
+    """tts.ChunkedStream: frames of 24 kHz mono int16 pushed as they are generated, one final
+    event, one TTSMetrics (not streamed). The text is cut into clauses as stream() cuts it."""
     backend = CountingBackend(await shared_service(hf_checkpoint))
     speech = csm.TTS(backend=backend, seed=SEED, max_audio_ms=960)
     metrics = []
@@ -213,30 +98,32 @@ async def test_synthesize_streams_frames_before_generation_ends(hf_checkpoint):
             events.append(ev)
     await asyncio.sleep(0)
 
-    reply = speech.conversation.history[-1]
-    n = frames_of(reply)
-    assert n >= 2 and backend.yielded == n
-    assert yielded_at_first < n  # the first frame went out while the model was still generating
+    history = speech.conversation.history
+    assert [(s.speaker, s.text) for s in history] == [(0, "Hello there,"), (0, "how are you today?")]
+    n = sum(frames_of(s) for s in history)
+    assert frames_of(history[0]) >= 2 and backend.yielded == n
+    assert yielded_at_first < frames_of(history[0])  # the first frame went out while the model was still generating
     assert {ev.frame.sample_rate for ev in events} == {speech.sample_rate} == {SR}
     assert {ev.frame.num_channels for ev in events} == {1}
     assert sum(ev.frame.samples_per_channel for ev in events) == n * FRAME  # every frame, once
     assert len(events) >= n  # pushed frame by frame, not as one block
     assert events[-1].is_final and not any(ev.is_final for ev in events[:-1])
-    assert reply.speaker == 0 and reply.text == "Hello there, how are you today?"
     assert len(metrics) == 1 and metrics[0].ttfb > 0 and not metrics[0].streamed
     assert metrics[0].audio_duration == pytest.approx(n * 0.08)
     await speech.aclose()
 
 
 @pytest.mark.asyncio
-async def test_stream_speaks_each_sentence_as_soon_as_it_is_complete(hf_checkpoint):
+async def test_sentence_mode_speaks_each_sentence_as_soon_as_it_is_complete(hf_checkpoint):
+    """split="sentence": the sentence tokenizer path (blingfire, as LiveKit's own StreamAdapter):
+    a sentence is spoken once complete, commas do not cut it."""
     backend = CountingBackend(await shared_service(hf_checkpoint))
-    speech = csm.TTS(backend=backend, seed=SEED, max_audio_ms=REPLY_MS)
+    speech = csm.TTS(backend=backend, seed=SEED, max_audio_ms=REPLY_MS, split="sentence")
     metrics = []
     speech.on("metrics_collected", metrics.append)
     events = []
     async with speech.stream() as stream:
-        stream.push_text("Hello there my good friend.")
+        stream.push_text("Hello there, my good friend.")
         stream.push_text(" How are you")  # the second sentence is still incomplete
         first = await asyncio.wait_for(stream.__anext__(), 60)
         events.append(first)
@@ -250,7 +137,7 @@ async def test_stream_speaks_each_sentence_as_soon_as_it_is_complete(hf_checkpoi
 
     history = speech.conversation.history
     assert [(s.speaker, s.text) for s in history] == [
-        (0, "Hello there my good friend."),
+        (0, "Hello there, my good friend."),
         (0, "How are you doing on this fine day?"),
     ]
     total = sum(frames_of(s) for s in history)
@@ -261,6 +148,62 @@ async def test_stream_speaks_each_sentence_as_soon_as_it_is_complete(hf_checkpoi
     assert len({ev.segment_id for ev in events}) == 1 and events[-1].is_final
     assert len(metrics) == 1 and metrics[0].streamed and metrics[0].ttfb > 0  # _mark_started ran
     assert metrics[0].audio_duration == pytest.approx(total * 0.08)
+    # synthesize() cuts the same way
+    frame = await speech.synthesize("Fine, thank you very much. And how are you doing?").collect()
+    assert [s.text for s in speech.conversation.history[2:]] == ["Fine, thank you very much.", "And how are you doing?"]
+    assert frame.samples_per_channel == sum(frames_of(s) for s in speech.conversation.history[2:]) * FRAME
+    await speech.aclose()
+
+
+@pytest.mark.asyncio
+async def test_stream_starts_speaking_at_the_first_clause(hf_checkpoint):
+    """Streamed synthesis (upstream tests/test_tts.py: push_text piece by piece, audio before
+    end_input): in clause mode the first piece is spoken as soon as its clause is complete, while
+    the rest of the sentence has not arrived."""
+    backend = CountingBackend(await shared_service(hf_checkpoint))
+    speech = csm.TTS(backend=backend, seed=SEED, max_audio_ms=REPLY_MS, follow_session=False)
+    async with speech.stream() as stream:
+        stream.push_text("Of course, let me")
+        first = await asyncio.wait_for(stream.__anext__(), 30)  # no end of sentence yet
+        assert [text for text, _ in backend.spoken] == ["Of course,"]
+        assert first.frame.samples_per_channel > 0
+        stream.push_text(" check that for you.")
+        stream.end_input()
+        events = [first] + [ev async for ev in stream]
+    history = speech.conversation.history
+    assert [(s.speaker, s.text) for s in history] == [(0, "Of course,"), (0, "let me check that for you.")]
+    assert sum(ev.frame.samples_per_channel for ev in events) == sum(frames_of(s) for s in history) * FRAME
+    await speech.aclose()
+
+
+@pytest.mark.asyncio
+async def test_clauses_are_spoken_as_consecutive_turns(hf_checkpoint):
+    """Each clause is the next turn of the conversation, conditioned on the ones before: the
+    stream's history equals speaking the clauses one after another on a fresh conversation (same
+    seed), and all of the audio goes, back to back, into one output segment."""
+    service = await shared_service(hf_checkpoint)
+    speech = csm.TTS(backend=service, seed=SEED, max_audio_ms=REPLY_MS, follow_session=False)
+    text = "Of course, let me check that for you. Your order shipped on Monday, and it should arrive soon."
+    async with speech.stream() as stream:
+        for i, word in enumerate(text.split(" ")):  # tokens as an LLM sends them
+            stream.push_text(word if i == 0 else " " + word)
+        stream.end_input()
+        events = [ev async for ev in stream]
+    clauses = split_text(text, "clause")
+    assert len(clauses) == 4
+    history = speech.conversation.history
+    assert [(s.speaker, s.text) for s in history] == [(0, clause) for clause in clauses]
+
+    reference = service.conversation(f"{speech.conversation_id}-reference")
+    options = SpeakOptions(speaker=0, seed=SEED, max_audio_ms=REPLY_MS, chunk_frames=1)
+    for clause in clauses:
+        async for _ in reference.speak(clause, options):
+            pass
+    assert reference.history == history  # the same turns, the same codes
+    assert sum(ev.frame.samples_per_channel for ev in events) == sum(frames_of(s) for s in history) * FRAME
+    assert len({ev.segment_id for ev in events}) == 1 and events[-1].is_final
+    assert not any(ev.is_final for ev in events[:-1])  # no gap: no segment ends between pieces
+    await reference.close()
     await speech.aclose()
 
 
@@ -270,7 +213,9 @@ async def test_bad_input_is_a_non_retryable_api_error(hf_checkpoint):
     errors = []
     speech.on("error", errors.append)
     with pytest.raises(APIError) as info:
-        await speech.synthesize("word " * 600, conn_options=APIConnectOptions(max_retry=2, retry_interval=0)).collect()
+        # a lone surrogate: no tokenizer can take it (a text too long no longer is bad input:
+        # clause mode cuts it into pieces)
+        await speech.synthesize("Hello \ud800 there.", conn_options=APIConnectOptions(max_retry=2, retry_interval=0)).collect()
     assert not info.value.retryable and "InputError" in str(info.value)
     assert len(errors) == 1 and not errors[0].recoverable  # no retry was attempted
     # the conversation is still usable

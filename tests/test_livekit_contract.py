@@ -173,7 +173,7 @@ async def test_options_are_snapshotted_per_stream(hf_checkpoint):
     speech = csm.TTS(backend=service, seed=7, max_audio_ms=REPLY_MS, follow_session=False)
     stream = speech.stream()
     speech.update_options(max_audio_ms=160)  # after the stream was created
-    stream.push_text("Hello there, my friend.")
+    stream.push_text("Hello there my friend.")  # one clause
     stream.end_input()
     frames = [ev async for ev in stream]
     assert sum(ev.frame.samples_per_channel for ev in frames) == 6 * 1920  # REPLY_MS, not 160 ms

@@ -3,8 +3,21 @@
 CSM conditions every reply on the conversation so far (who said what, and how it sounded). This
 TTS keeps one csm-plugin conversation per instance and feeds it from the AgentSession: user turns
 (transcript, plus the user's audio when the session's audio input is available) are recorded as
-soon as they are committed, the agent's own replies are recorded by the model as it speaks them,
-and a barge-in trims the reply to what the listener heard.
+soon as they are committed, the agent's own replies are recorded as the listener heard them, and
+a barge-in trims the reply to what was played.
+
+Streamed LLM text is cut at the first clause (`split="clause"`, the project's one rule,
+`csm_plugin.conversation.clauses`), so speech starts after the LLM's first few words; each later
+piece is the next turn of the same conversation, conditioned on the pieces before it, and its
+audio follows the previous piece's in the same output segment.
+
+What was heard: with a session to follow, everything spoken for one agent turn (a LiveKit
+SpeechHandle: all its segments, each cut into pieces) sits back to back at the end of the history
+until the session's audio output has reported its playback; then the turn keeps exactly what was
+played (`trim_heard(played_ms, replies=n)`). A synthesis that can never be played (a
+FallbackAdapter's recovery probe, a `synthesize()` outside the session's speech) is taken out of
+the history again when it ends. Without a session nothing reports playback, so what was delivered
+counts as heard.
 
 Nothing heavy happens at import: csm_plugin (and torch) are imported, and the weights loaded, on
 first use or in `prewarm()`, once per process (the process-wide `shared_service`).
@@ -13,6 +26,7 @@ first use or in `prewarm()`, once per process (the process-wide `shared_service`
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import math
 import os
@@ -20,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from livekit import rtc
@@ -40,23 +54,34 @@ from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils import is_given
 from livekit.agents.voice import io
 
-from csm_plugin.conversation.options import SpeakOptions  # torch-free
+# torch-free: the import stays light (LiveKit's forkserver preloads plugins)
+from csm_plugin.conversation.clauses import TextSplitter, split_text
+from csm_plugin.conversation.options import SpeakOptions
+from csm_plugin.conversation.styles import StyleTagCarry
+from csm_plugin.conversation.types import FRAME_MS, check_name
 
 from .log import logger
 from .models import NUM_CHANNELS, SAMPLE_RATE, DTypes, TTSModels, VoicePrompt
 
 if TYPE_CHECKING:
-    from csm_plugin.backend import ConversationHandle, SpeechBackend
     from livekit.agents import AgentSession
 
-FRAME_MS = 80  # one CSM frame
+    from csm_plugin.backend import ConversationHandle, SpeechBackend
+
+SplitMode = Literal["clause", "sentence"]
+
 _USER_AUDIO_MARGIN_S = 0.25  # around the session's speech start/stop times
 _USER_AUDIO_KEEP_S = 120.0
+# A turn still playing holds back the next speech's synthesis (its pieces must stay at the end of
+# the history until its playback is known). LiveKit plays one speech at a time, so the wait ends
+# with that playback; this bound only guards against an audio output that never reports it.
+_TURN_SETTLE_WAIT_S = 60.0
+_TURN_POLL_S = 0.05
 
 
 @dataclass
 class _TTSOptions:
-    speak: SpeakOptions  # how each sentence is spoken (its speaker is the agent)
+    speak: SpeakOptions  # how each piece is spoken (its speaker is the agent)
     user_speaker: int
 
     @property
@@ -64,13 +89,36 @@ class _TTSOptions:
         return self.speak.speaker
 
 
-@dataclass
-class _Speech:
-    """What one stream spoke: frames kept per sentence (each one history segment), in order."""
+@dataclass(frozen=True)
+class _Origin:
+    """Who asked for a synthesis, noted when the stream is created (in the caller's task)."""
 
-    frames: list[int] = field(default_factory=list)
-    frames_pushed: int = 0
-    history_len: int = -1  # len(conversation.history) right after it; -1 while it runs
+    followed: bool  # a session was followed: its audio output reports what was played
+    owner: Any  # the LiveKit SpeechHandle it speaks for, or None
+    probe: bool  # a FallbackAdapter's recovery probe: its audio is thrown away
+
+
+@dataclass(eq=False)
+class _Turn:
+    """One agent turn: what was spoken for one SpeechHandle (all its segments, each cut into
+    pieces), back to back at the end of the history until its playback is settled."""
+
+    owner: Any
+    pieces: list[int] = field(default_factory=list)  # frames of each recorded piece, oldest first
+    heard_ms: float = 0.0  # playback reported for this turn, from the start of its first piece
+    events: int = 0  # playback_finished events matched to it
+    interrupted: bool = False
+    carry: StyleTagCarry = field(default_factory=StyleTagCarry)  # the reply's style tag, on every piece
+
+
+@dataclass(eq=False)
+class _Utterance:
+    """What one stream()/synthesize() attempt spoke."""
+
+    turn: _Turn | None  # the turn it belongs to; None: not tied to the session's playback
+    played: bool  # False: it can never be played, so its pieces leave the history when it ends
+    pieces: list[int] = field(default_factory=list)
+    carry: StyleTagCarry = field(default_factory=StyleTagCarry)
 
 
 class TTS(tts.TTS):
@@ -88,10 +136,14 @@ class TTS(tts.TTS):
         top_k: int = 50,
         seed: int | None = None,
         max_audio_ms: float | None = None,
-        voice: VoicePrompt | None = None,
+        style: str | None = None,
+        voice: VoicePrompt | str | None = None,
         conversation_id: str | None = None,
         follow_session: bool = True,
         user_audio: bool = True,
+        split: SplitMode = "clause",
+        clause_min_words: int = 2,
+        clause_max_words: int = 12,
         sentence_tokenizer: NotGivenOr[tokenize.SentenceTokenizer] = NOT_GIVEN,
         service_options: dict[str, Any] | None = None,
         backend: SpeechBackend | None = None,
@@ -105,12 +157,20 @@ class TTS(tts.TTS):
             device, dtype: where and how the in-process model runs ("cuda", "bfloat16", ...).
             speaker / user_speaker: CSM speaker ids of the agent and of the user.
             temperature, top_k, seed: sampling; a fixed seed makes replies reproducible.
-            max_audio_ms: cap on each sentence's audio (default: from the text's length).
-            voice: reference clip + transcript that fixes the agent's voice.
+            max_audio_ms: cap on each piece's audio (default: from the text's length).
+            style: a style registered on the backend that conditions every reply (None: none).
+                A reply that starts with a tag, "[calm] ...", picks its own style.
+            voice: the agent's voice: a `VoicePrompt` (reference clip + transcript, registered
+                once under a name derived from its content) or the name of a voice already
+                registered on the backend (a server's voices file).
             conversation_id: id of the model-side conversation (default: a fresh one).
             follow_session: attach to the job's AgentSession automatically.
             user_audio: condition on the user's recorded voice, not only their words.
-            sentence_tokenizer: how streamed LLM text is cut into sentences.
+            split: how streamed LLM text is cut: "clause" (speak from the first clause, each
+                later clause a continuation) or "sentence" (whole sentences, `sentence_tokenizer`).
+            clause_min_words / clause_max_words: a clause piece has at least min words (short
+                ones join the next) and is cut after max words when no punctuation comes.
+            sentence_tokenizer: how text is cut into sentences in "sentence" mode.
             service_options: extra `CSMService` options for the in-process model.
             backend: an already started SpeechBackend to use (overrides model/url).
         """
@@ -123,17 +183,24 @@ class TTS(tts.TTS):
             raise ValueError("pass either url= or backend=, not both")
         if speaker == user_speaker:
             raise ValueError("speaker and user_speaker must differ")
+        if split not in ("clause", "sentence"):
+            raise ValueError(f"split must be 'clause' or 'sentence', got {split!r}")
+        TextSplitter(split, min_words=clause_min_words, max_words=clause_max_words)  # InputError (a ValueError) if bad
         self._model_name = model
         self._url = url
         self._api_key = api_key
         self._device = device
         self._dtype = dtype
         self._service_options = dict(service_options or {})
-        self._opts = _TTSOptions(SpeakOptions(speaker, temperature, top_k, seed, max_audio_ms, chunk_frames=1), user_speaker)
-        self._voice = voice
+        speak = SpeakOptions(speaker, temperature, top_k, seed, max_audio_ms, chunk_frames=1, style=style)
+        self._opts = _TTSOptions(speak, user_speaker)
+        self._voice_prompt, self._voice_name = _voice(voice)
+        self._voice_registered_on: object | None = None  # the backend the prompt was registered on
         self._conversation_id = conversation_id or utils.shortuuid("csm_")
         self._follow_session = follow_session
         self._user_audio = user_audio
+        self._split: SplitMode = split
+        self._clause_words = (clause_min_words, clause_max_words)
         self._sentence_tokenizer = (
             sentence_tokenizer
             if is_given(sentence_tokenizer)
@@ -149,8 +216,8 @@ class TTS(tts.TTS):
         self._tap: _UserAudioTap | None = None
         self._seen_items: set[str] = set()
         self._spoken = False
-        self._unsettled: deque[_Speech] = deque(maxlen=8)  # replies whose playback has not ended
-        self._pending_trims: list[tuple[_Speech, float]] = []
+        self._turns: list[_Turn] = []  # agent turns whose playback is not settled yet, oldest first
+        self._turns_changed: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
         self._speaking: set[asyncio.Task] = set()  # the tasks of streams speaking now (see aclose)
 
@@ -176,6 +243,12 @@ class TTS(tts.TTS):
         None until the first use."""
         return self._conv
 
+    @property
+    def voice_name(self) -> str | None:
+        """The name the agent's voice has on the backend (derived from a VoicePrompt's content,
+        so every TTS with the same prompt shares one registered voice), or None."""
+        return self._voice_name
+
     def update_options(
         self,
         *,
@@ -184,8 +257,12 @@ class TTS(tts.TTS):
         top_k: NotGivenOr[int] = NOT_GIVEN,
         seed: NotGivenOr[int | None] = NOT_GIVEN,
         max_audio_ms: NotGivenOr[float | None] = NOT_GIVEN,
+        style: NotGivenOr[str | None] = NOT_GIVEN,
     ) -> None:
-        changes = dict(speaker=speaker, temperature=temperature, top_k=top_k, seed=seed, max_audio_ms=max_audio_ms)
+        changes = {
+            "speaker": speaker, "temperature": temperature, "top_k": top_k, "seed": seed,
+            "max_audio_ms": max_audio_ms, "style": style,
+        }
         given = {name: value for name, value in changes.items() if is_given(value)}
         if given.get("speaker", self._opts.speaker) == self._opts.user_speaker:
             raise ValueError("speaker and user_speaker must differ")
@@ -195,11 +272,13 @@ class TTS(tts.TTS):
         self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
     ) -> ChunkedStream:
         self._auto_attach()
-        return ChunkedStream(tts=self, input_text=text, conn_options=conn_options, options=self._opts.speak)
+        return ChunkedStream(
+            tts=self, input_text=text, conn_options=conn_options, options=self._opts.speak, origin=self._origin()
+        )
 
     def stream(self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> SynthesizeStream:
         self._auto_attach()
-        return SynthesizeStream(tts=self, conn_options=conn_options, options=self._opts.speak)
+        return SynthesizeStream(tts=self, conn_options=conn_options, options=self._opts.speak, origin=self._origin())
 
     def prewarm(self) -> None:
         """Load the model. Inside a running event loop (LiveKit calls this when the agent starts)
@@ -262,6 +341,9 @@ class TTS(tts.TTS):
         if self._audio_out is not None:
             self._audio_out.off("playback_finished", self._on_playback_finished)
             self._audio_out = None
+        # No one reports their playback any more: the turns stay as they were recorded.
+        self._turns.clear()
+        self._signal_turns()
 
     def _auto_attach(self) -> None:
         if not self._follow_session or self._session is not None:
@@ -300,16 +382,21 @@ class TTS(tts.TTS):
             self._schedule_catch_up()  # prefill the user's turn while the LLM thinks
 
     def _on_playback_finished(self, ev: io.PlaybackFinishedEvent) -> None:
-        # the oldest reply still playing; an event for audio that is not ours finds none
-        speech = next((s for s in self._unsettled if s.frames_pushed), None)
-        if speech is None:
-            return
-        self._unsettled.remove(speech)
-        if ev.interrupted:
-            self._pending_trims.append((speech, float(ev.playback_position)))
-            self._schedule_catch_up()
+        # LiveKit plays one speech at a time and reports each of its output segments in order:
+        # the event belongs to the speech playing now. Its segments (and the pieces of each)
+        # were spoken back to back, so the turn's heard time is the sum of their positions.
+        session = self._session
+        owner = session.current_speech if session is not None else None
+        turn = next((t for t in self._turns if owner is not None and t.owner is owner), None)
+        if turn is None:
+            return  # audio that is not ours (pre-recorded, another TTS)
+        turn.events += 1
+        turn.heard_ms += max(0.0, float(ev.playback_position)) * 1000
+        turn.interrupted = turn.interrupted or ev.interrupted
+        self._schedule_catch_up()
 
     def _schedule_catch_up(self) -> None:
+        self._signal_turns()
         if self._conv is None:
             return  # nothing spoken yet; the first reply catches up
 
@@ -323,14 +410,14 @@ class TTS(tts.TTS):
         task.add_done_callback(self._tasks.discard)
 
     async def _catch_up(self, conv: ConversationHandle) -> None:
-        """Under the lock: trim interrupted replies to what was played, then record the session's
-        new turns, in the order they happened."""
-        while self._pending_trims:
-            speech, played_s = self._pending_trims.pop(0)
-            try:
-                await self._trim(conv, speech, played_s * 1000)
-            except Exception as e:  # noqa: BLE001 - a failed trim must not stop the next reply
-                logger.warning("could not trim the interrupted reply: %s", e)
+        """Under the lock: settle the turns whose playback is over (each keeps what was heard),
+        then record the session's new turns, in the order they happened. While a turn is still
+        playing, user turns wait: the turn's pieces must stay at the end of the history."""
+        for turn in list(self._turns):
+            if self._settleable(turn):
+                await self._settle(conv, turn)
+        if any(t.pieces for t in self._turns):
+            return
         for speaker, text, audio, rate in self._new_session_turns():
             try:
                 await conv.add_segment(speaker, text, audio=audio, sample_rate=rate)
@@ -341,12 +428,29 @@ class TTS(tts.TTS):
                 logger.debug("user audio not usable (%s); recording the transcript only", e)
                 await conv.add_segment(speaker, text)
 
-    async def _trim(self, conv: ConversationHandle, speech: _Speech, played_ms: float) -> None:
-        if len(conv.history) != speech.history_len or not speech.frames:
-            return  # something was recorded after it: the reply is no longer the last segment
-        # Its sentences are the last history segments, played back to back: the history trims
-        # them newest first, each to what started playing.
-        await conv.interrupt(played_ms, replies=len(speech.frames))
+    def _settleable(self, turn: _Turn) -> bool:
+        """Its playback is over: interrupted, its speech done, or the session moved on from it
+        after playing some of it (a speech waiting for its tools is not done, yet played)."""
+        owner = turn.owner
+        if turn.interrupted or owner.done() or owner.interrupted:
+            return True
+        current = self._session.current_speech if self._session is not None else None
+        return turn.events > 0 and current is not owner
+
+    async def _settle(self, conv: ConversationHandle, turn: _Turn, *, keep: bool = False) -> None:
+        """The turn keeps what was played: its pieces are the last history turns, played back
+        to back, so the history trims them newest first to the heard time (pieces never played
+        leave it). keep: trust the record as it is (no playback report will come)."""
+        if turn in self._turns:
+            self._turns.remove(turn)
+        self._signal_turns()
+        n, spoken_ms = len(turn.pieces), sum(turn.pieces) * FRAME_MS
+        if keep or not n or turn.heard_ms >= spoken_ms:
+            return
+        try:
+            await conv.interrupt(turn.heard_ms, replies=n)
+        except Exception as e:  # noqa: BLE001 - a failed trim must not stop the next reply
+            logger.warning("could not trim the reply to what was played: %s", e)
 
     def _new_session_turns(self) -> list[tuple[int, str, np.ndarray | None, int | None]]:
         session = self._session
@@ -369,6 +473,66 @@ class TTS(tts.TTS):
                 turns.append((self._opts.speaker, text, None, None))
         return turns
 
+    def _signal_turns(self) -> None:
+        if self._turns_changed is not None:
+            self._turns_changed.set()
+
+    # --- whose synthesis is this --------------------------------------------------------------
+
+    def _origin(self) -> _Origin:
+        """Noted when a stream is created, in the task that asks for it: the SpeechHandle it
+        speaks for (LiveKit runs a speech's TTS node in that speech's context) and whether it is
+        a FallbackAdapter's recovery probe."""
+        return _Origin(followed=self._session is not None, owner=self._speech_in_context(), probe=self._in_fallback_probe())
+
+    def _speech_in_context(self) -> Any:
+        # LiveKit keeps the speech a task works for in a context variable, which its own tools
+        # and tasks read; it is private, so it is looked up defensively.
+        try:
+            from livekit.agents.voice.agent_activity import _SpeechHandleContextVar
+        except ImportError:  # pragma: no cover - another livekit-agents layout
+            return self._session.current_speech if self._session is not None else None
+        return _SpeechHandleContextVar.get(None)
+
+    def _in_fallback_probe(self) -> bool:
+        """A FallbackAdapter tests a failed TTS again by synthesizing the last text in a task of
+        its own, whose audio is thrown away. An adapter subscribes to each of its TTSs'
+        metrics, which is how it is found; its recovery tasks are private, so any layout this
+        does not recognise counts as no probe."""
+        task = asyncio.current_task()
+        if task is None:
+            return False
+        for listener in list(getattr(self, "_events", {}).get("metrics_collected", ())):
+            adapter = getattr(listener, "__self__", None)
+            if not isinstance(adapter, tts.FallbackAdapter):
+                continue
+            for status in getattr(adapter, "_status", ()):
+                if task in (getattr(status, "recovering_stream_task", None), getattr(status, "recovering_synthesize_task", None)):
+                    return True
+        return False
+
+    def _utterance(self, origin: _Origin) -> _Utterance:
+        """Under the lock, as an attempt starts speaking: the turn it joins, or how it is kept."""
+        if origin.probe:
+            return _Utterance(None, played=False)
+        if not origin.followed or self._session is None:
+            return _Utterance(None, played=True)  # nothing reports playback: delivered counts as heard
+        owner = origin.owner
+        if owner is None or owner.done() or owner.interrupted:
+            return _Utterance(None, played=False)  # not for a speech the session will play
+        turn = next((t for t in self._turns if t.owner is owner), None)
+        if turn is None:
+            turn = _Turn(owner)
+            self._turns.append(turn)
+            owner.add_done_callback(lambda _handle: self._schedule_catch_up())
+        return _Utterance(turn, played=True, carry=turn.carry)
+
+    def _must_wait(self, origin: _Origin) -> bool:
+        """A speech's pieces go after the previous turn's only once that turn is settled."""
+        if origin.probe or not origin.followed or origin.owner is None:
+            return False
+        return any(t.pieces and t.owner is not origin.owner for t in self._turns)
+
     # --- speaking -----------------------------------------------------------------------------
 
     def _get_lock(self) -> asyncio.Lock:
@@ -376,13 +540,41 @@ class TTS(tts.TTS):
             self._lock = asyncio.Lock()
         return self._lock
 
+    async def _acquire(self, origin: _Origin) -> None:
+        """Take the conversation's lock once no earlier turn holds the end of the history (a
+        speech synthesized ahead, e.g. LiveKit's preemptive TTS, waits for the one playing)."""
+        lock = self._get_lock()
+        if self._turns_changed is None:
+            self._turns_changed = asyncio.Event()
+        deadline = time.monotonic() + _TURN_SETTLE_WAIT_S
+        while True:
+            await lock.acquire()
+            try:
+                if self._must_wait(origin) and self._conv is not None:
+                    await self._catch_up(self._conv)
+                if not self._must_wait(origin):
+                    return
+                if time.monotonic() > deadline:
+                    logger.warning("no playback report for the previous reply; keeping it as it was delivered")
+                    for turn in [t for t in self._turns if t.owner is not origin.owner]:
+                        await self._settle(self._conv, turn, keep=True)
+                    return
+            except BaseException:
+                lock.release()
+                raise
+            lock.release()
+            self._turns_changed.clear()
+            try:
+                await asyncio.wait_for(self._turns_changed.wait(), _TURN_POLL_S)
+            except asyncio.TimeoutError:
+                pass  # the session may have moved on without an event (current_speech)
+
     def _backend_future(self) -> asyncio.Task:
         task = self._backend_task
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = self._backend_task = asyncio.get_running_loop().create_task(self._open_backend())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved by awaiters
         return task
-
     async def _open_backend(self) -> SpeechBackend:
         # Imported on a worker thread: the in-process backend imports torch (about a second),
         # which must not block the event loop (LiveKit's loop monitor flags 0.5 s).
@@ -420,47 +612,76 @@ class TTS(tts.TTS):
             # shielded: a cancelled reply must not cancel the (shared) model load
             self._backend = await asyncio.shield(self._backend_future())
         backend = self._backend
-        voice, voices = self._voice, None
-        if voice is not None and hasattr(backend, "add_voice"):
-            name = f"{self._conversation_id}:voice"
-            await backend.add_voice(name, text=voice.text, audio=voice.audio, sample_rate=voice.sample_rate)
+        prompt, name, voices = self._voice_prompt, self._voice_name, None
+        if name is not None and prompt is None:
+            voices = {self._opts.speaker: name}  # registered on the backend already (a voices file)
+        elif prompt is not None and hasattr(backend, "add_voice"):
+            # Once per TTS, under a name derived from the prompt's content: every conversation
+            # (and every TTS) with this prompt pins the same voice, whose cache rows the
+            # service prefills once and shares.
+            if self._voice_registered_on is not backend:
+                await backend.add_voice(name, text=prompt.text, audio=prompt.audio, sample_rate=prompt.sample_rate)
+                self._voice_registered_on = backend
             voices = {self._opts.speaker: name}  # pinned: never trimmed from the context
         conv = backend.conversation(self._conversation_id, voices=voices)
-        if voice is not None and voices is None:
-            await conv.add_segment(self._opts.speaker, voice.text, audio=voice.audio, sample_rate=voice.sample_rate)
+        if prompt is not None and voices is None:
+            # a backend that takes no voice prompts (the remote client): the prompt is the first turn
+            await conv.add_segment(self._opts.speaker, prompt.text, audio=prompt.audio, sample_rate=prompt.sample_rate)
         self._conv = conv
         return conv
+
+    def _cut(self, text: str) -> list[str]:
+        """A whole text cut as stream() cuts streamed text."""
+        if self._split == "sentence":
+            return list(self._sentence_tokenizer.tokenize(text))
+        return split_text(text, "clause", min_words=self._clause_words[0], max_words=self._clause_words[1])
+
+    def _piece_stream(self) -> _PieceStream:
+        if self._split == "sentence":
+            return _SentencePieces(self._sentence_tokenizer.stream())
+        return _ClausePieces(TextSplitter("clause", min_words=self._clause_words[0], max_words=self._clause_words[1]))
 
     async def _speak(
         self,
         emitter: tts.AudioEmitter,
-        sentences: AsyncIterable[str],
+        pieces: AsyncIterable[str],
         *,
-        on_sentence: Callable[[], None],
+        on_piece: Callable[[], None],
         timeout: float,
         options: SpeakOptions,
+        origin: _Origin,
     ) -> None:
-        """Speak each sentence as it arrives, one model frame at a time, into `emitter`, with the
-        options the stream was created with. Each wait on the model or the server is bounded by
-        the call's conn_options.timeout."""
+        """Speak each piece as it arrives, one model frame at a time, into `emitter`, with the
+        options the stream was created with; each piece is the next turn of the conversation,
+        its audio straight after the previous piece's. Each wait on the model or the server is
+        bounded by the call's conn_options.timeout."""
         task = asyncio.current_task()
         if task is not None:
             self._speaking.add(task)
         try:
-            async with self._get_lock():  # one reply at a time; turns are recorded in between
+            await self._acquire(origin)  # one reply at a time; turns are recorded in between
+            try:
                 conv = await _bounded(self._conversation(), timeout, "connecting to CSM")
                 self._refresh_io()
                 await self._catch_up(conv)
                 self._spoken = True
-                speech = _Speech()
-                self._unsettled.append(speech)
+                utterance = self._utterance(origin)
+
+                def recorded(frames: int) -> None:
+                    utterance.pieces.append(frames)
+                    if utterance.turn is not None:
+                        utterance.turn.pieces.append(frames)
+
                 try:
-                    async for text in sentences:
-                        if text.strip():
-                            on_sentence()
-                            await self._speak_sentence(conv, text.strip(), emitter, speech, timeout, options)
+                    async for piece in pieces:
+                        if piece.strip():
+                            on_piece()
+                            text = utterance.carry(piece.strip())  # a reply's tag goes on all its pieces
+                            await self._speak_piece(conv, text, emitter, timeout, options, recorded)
                 finally:
-                    speech.history_len = len(conv.history)
+                    await self._forget_unplayed(conv, utterance)
+            finally:
+                self._get_lock().release()
         except (APIError, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -469,9 +690,19 @@ class TTS(tts.TTS):
             if task is not None:
                 self._speaking.discard(task)
 
-    async def _speak_sentence(
-        self, conv: ConversationHandle, text: str, emitter: tts.AudioEmitter, speech: _Speech, timeout: float,
-        options: SpeakOptions,
+    async def _forget_unplayed(self, conv: ConversationHandle, utterance: _Utterance) -> None:
+        """Under the lock: an attempt that can never be played leaves the history as it found it
+        (its pieces are the last turns: nothing else was recorded while it spoke)."""
+        if utterance.played or not utterance.pieces:
+            return
+        try:
+            await conv.interrupt(0.0, replies=len(utterance.pieces))
+        except Exception as e:  # noqa: BLE001 - the next reply must still be possible
+            logger.warning("could not remove a synthesis that was never played: %s", e)
+
+    async def _speak_piece(
+        self, conv: ConversationHandle, text: str, emitter: tts.AudioEmitter, timeout: float,
+        options: SpeakOptions, recorded: Callable[[int], None],
     ) -> None:
         chunks = conv.speak(text, options).__aiter__()
         frames = 0
@@ -491,7 +722,6 @@ class TTS(tts.TTS):
                     )
                 )
                 frames += math.ceil(len(pcm) * 1000 / (chunk.sample_rate * FRAME_MS))
-                speech.frames_pushed += 1
                 await asyncio.sleep(0)  # let the frame go out before the next one
                 try:
                     chunk = await _bounded(chunks.__anext__(), timeout, "waiting for the next frame")
@@ -500,16 +730,19 @@ class TTS(tts.TTS):
         finally:
             await chunks.aclose()  # stops generation; the history keeps the frames delivered
             if frames:
-                speech.frames.append(frames)
+                recorded(frames)
 
 
 class ChunkedStream(tts.ChunkedStream):
-    """`synthesize(text)`: the whole text, sentence by sentence, frame by frame."""
+    """`synthesize(text)`: the whole text, cut as stream() cuts it, piece by piece, frame by frame."""
 
-    def __init__(self, *, tts: TTS, input_text: str, conn_options: APIConnectOptions, options: SpeakOptions) -> None:
+    def __init__(
+        self, *, tts: TTS, input_text: str, conn_options: APIConnectOptions, options: SpeakOptions, origin: _Origin
+    ) -> None:
         super().__init__(tts=tts, input_text=input_text, conn_options=conn_options)
         self._tts: TTS = tts
         self._options = options  # a snapshot: update_options() applies to the next stream
+        self._origin = origin
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
         output_emitter.initialize(
@@ -519,20 +752,21 @@ class ChunkedStream(tts.ChunkedStream):
             mime_type="audio/pcm",
             frame_size_ms=FRAME_MS,
         )
-        sentences = self._tts._sentence_tokenizer.tokenize(self.input_text)
         await self._tts._speak(
-            output_emitter, _aiter(sentences), on_sentence=lambda: None, timeout=self._conn_options.timeout,
-            options=self._options,
+            output_emitter, _aiter(self._tts._cut(self.input_text)), on_piece=lambda: None,
+            timeout=self._conn_options.timeout, options=self._options, origin=self._origin,
         )
 
 
 class SynthesizeStream(tts.SynthesizeStream):
-    """`stream()`: text as the LLM produces it; each sentence is spoken once it is complete."""
+    """`stream()`: text as the LLM produces it; each clause (or sentence, split="sentence") is
+    spoken as soon as it is complete, all of it into one output segment."""
 
-    def __init__(self, *, tts: TTS, conn_options: APIConnectOptions, options: SpeakOptions) -> None:
+    def __init__(self, *, tts: TTS, conn_options: APIConnectOptions, options: SpeakOptions, origin: _Origin) -> None:
         super().__init__(tts=tts, conn_options=conn_options)
         self._tts: TTS = tts
         self._options = options  # a snapshot: update_options() applies to the next stream
+        self._origin = origin
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
         request_id = utils.shortuuid()
@@ -545,30 +779,90 @@ class SynthesizeStream(tts.SynthesizeStream):
             stream=True,
         )
         output_emitter.start_segment(segment_id=request_id)
-        sentence_stream = self._tts._sentence_tokenizer.stream()
+        pieces = self._tts._piece_stream()
 
         async def forward_input() -> None:
-            async for data in self._input_ch:
-                if isinstance(data, self._FlushSentinel):
-                    sentence_stream.flush()
-                else:
-                    sentence_stream.push_text(data)
-            sentence_stream.end_input()
-
-        async def sentences() -> AsyncIterable[str]:
-            async for ev in sentence_stream:
-                yield ev.token
+            try:
+                async for data in self._input_ch:
+                    if isinstance(data, self._FlushSentinel):
+                        pieces.flush()  # the end of a segment: speak what is pending
+                    else:
+                        pieces.push_text(data)
+            finally:
+                pieces.end_input()
 
         forward = asyncio.create_task(forward_input(), name="csm.forward_input")
         try:
             await self._tts._speak(
-                output_emitter, sentences(), on_sentence=self._mark_started, timeout=self._conn_options.timeout,
-                options=self._options,
+                output_emitter, pieces, on_piece=self._mark_started, timeout=self._conn_options.timeout,
+                options=self._options, origin=self._origin,
             )
         finally:
             await utils.aio.cancel_and_wait(forward)
-            await sentence_stream.aclose()
+            await pieces.aclose()
         output_emitter.end_segment()
+
+
+class _PieceStream(AsyncIterable[str]):
+    """Streamed text in, the pieces to speak out (the interface of LiveKit's SentenceStream)."""
+
+    def push_text(self, text: str) -> None: ...
+    def flush(self) -> None: ...
+    def end_input(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+class _ClausePieces(_PieceStream):
+    """The project's clause rule (TextSplitter) as a stream of pieces."""
+
+    def __init__(self, splitter: TextSplitter) -> None:
+        self._splitter = splitter
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._ended = False
+
+    def push_text(self, text: str) -> None:
+        for piece in self._splitter.push(text):
+            self._queue.put_nowait(piece)
+
+    def flush(self) -> None:
+        if (rest := self._splitter.flush()) is not None:
+            self._queue.put_nowait(rest)
+
+    def end_input(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.flush()
+            self._queue.put_nowait(None)
+
+    async def aclose(self) -> None:
+        self._ended = True
+
+    async def __aiter__(self):  # type: ignore[override]
+        while (piece := await self._queue.get()) is not None:
+            yield piece
+
+
+class _SentencePieces(_PieceStream):
+    """A LiveKit sentence tokenizer's stream: whole sentences."""
+
+    def __init__(self, stream: tokenize.SentenceStream) -> None:
+        self._stream = stream
+
+    def push_text(self, text: str) -> None:
+        self._stream.push_text(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def end_input(self) -> None:
+        self._stream.end_input()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def __aiter__(self):  # type: ignore[override]
+        async for ev in self._stream:
+            yield ev.token
 
 
 class _UserAudioTap(io.AudioInput):
@@ -656,3 +950,23 @@ def _api_error(e: BaseException) -> APIError:
     if isinstance(e, errors.CSMError):
         return APIError(message)  # other service failures (e.g. remote ones): worth a retry
     return APIError(message, retryable=False)
+
+
+def _voice(voice: VoicePrompt | str | None) -> tuple[VoicePrompt | None, str | None]:
+    """(prompt to register, name on the backend) for the `voice=` option."""
+    if voice is None:
+        return None, None
+    if isinstance(voice, str):
+        return None, check_name(voice, "voice")  # InputError (a ValueError) for a bad name
+    if isinstance(voice, VoicePrompt):
+        return voice, _voice_name(voice)
+    raise TypeError(f"voice must be a csm.VoicePrompt or the name of a registered voice, got {type(voice).__name__}")
+
+
+def _voice_name(prompt: VoicePrompt) -> str:
+    """A stable name for a prompt's content: the same clip and transcript give the same name in
+    every process, so the backend keeps one voice (and one prefilled cache prefix) for it."""
+    audio = np.ascontiguousarray(np.asarray(prompt.audio))
+    digest = hashlib.sha256(repr((prompt.text, int(prompt.sample_rate), str(audio.dtype), audio.shape)).encode())
+    digest.update(audio.tobytes())
+    return f"lk-voice-{digest.hexdigest()[:16]}"
