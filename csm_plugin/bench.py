@@ -3,10 +3,20 @@
 Random weights of the chosen shape (tiny or the full CSM-1B / Mimi), built in memory, so nothing
 is downloaded. Figures are ratios against the baseline measured in the same run; absolute times
 depend on the machine, which the JSON records.
+
+Besides the engine figures, the same engine is measured through the conversation service
+(`service_first_audio`): a new conversation whose pinned voice prompt was used by an earlier one
+(its cache rows shared), and a styled reply against an unstyled one. With `agent_turn=True`
+(`--agent-turn`), a voice agent's turn runs through each framework adapter
+(csm_plugin.bench_agent_turn).
+
+    python -m csm_plugin.bench --size tiny --agent-turn --json out.json   # the same as csm-plugin bench
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import os
 import platform
@@ -31,9 +41,18 @@ from .models.loading import (
 from .models.mimi import MimiConfig
 from .models.mimi_loading import mimi_from_state_dict, random_mimi_state_dict
 from .prompt import Segment, TextTokenizer, build_prompt
+from .service import CSMService
 
 CONTEXT_SECONDS = 30
 REPLY_TEXT = "Sure, I can help you with that. Let me pull up your order."
+VOICE_PROMPT_SECONDS = 10.0
+VOICE_TEXT = ("Hi, thanks for calling the parcel service. My name is Maya and I will be looking after you today, "
+              "so just tell me what happened and we will sort it out together.")
+# A style as a voices file has it (examples/voices/voices.json): a user line and the agent's answer.
+STYLE_EXEMPLARS = [
+    (1, "My flight got cancelled and I am stuck at the airport.", 3.0),
+    (0, "Oh no, I'm so sorry. That sounds really stressful. We'll sort this out together.", 4.0),
+]
 
 
 def _sync(device) -> None:
@@ -163,7 +182,118 @@ def transformers_baseline(checkpoint: LoadedCheckpoint, weights, mimi_cfg, conte
     return {"time_to_first_frame_s": first, "frame_ms": 1000 * (longer - first) / frames}
 
 
-def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, baseline=True, quantize=None, compile=False) -> dict:
+def voice_like(seconds: float, seed: int = 0, rate: int = 24_000) -> np.ndarray:
+    """Speech-like test audio (a gliding tone with syllable-rate bursts and a little noise),
+    float32 mono at `rate`: what voice prompts, exemplars and user turns are made of here."""
+    g = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = 140 + 30 * np.sin(2 * np.pi * 0.7 * t + seed)
+    tone = np.sin(2 * np.pi * np.cumsum(pitch) / rate)
+    bursts = 0.55 + 0.45 * np.sin(2 * np.pi * 4.0 * t + seed) ** 2
+    return (0.25 * tone * bursts + 0.02 * g.standard_normal(t.shape)).astype(np.float32)
+
+
+class EngineService(CSMService):
+    """A CSMService over an engine that already exists (the bench's random weights, built in
+    memory): the service path and both adapters (`backend=`) run on the very engine the engine
+    figures come from. The engine is the service's inference thread's until the service closes."""
+
+    def __init__(self, engine: Engine, **options):
+        super().__init__("<bench: random weights in memory>", max_cached_conversations=len(engine.slots), **options)
+        self._bench_engine = engine
+
+    def _load_engine(self) -> Engine:
+        return self._bench_engine  # built and warmed up by the bench
+
+
+async def _idle(service) -> None:
+    """Wait until the inference worker has run everything submitted so far (a no-op job: jobs
+    start in order, and a finished reply's cache update is a single job)."""
+    await service._submit(lambda engine: None)
+
+
+async def _cached(service, conv, timeout: float = 600.0) -> None:
+    """Wait until the conversation's whole context is in its cache slot (the background prefills
+    of add_segment are done)."""
+    want = [key for key, _ in conv._keyed()]
+    deadline = time.perf_counter() + timeout
+    while await service._submit(lambda engine: engine.cached_keys(conv.id)) != want:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"the context of {conv.id!r} was not cached within {timeout:g} s")
+        await asyncio.sleep(0.01)
+
+
+async def first_audio_ms(conv, text: str = REPLY_TEXT, **options) -> float:
+    """Milliseconds from asking the service for a reply to its first audio chunk (the reply is
+    then stopped: the history keeps its first frame, as a barge-in would)."""
+    await _idle(conv.service)
+    reply = conv.speak(text, seed=0, max_audio_ms=2_000, **options)
+    start = time.perf_counter()
+    try:
+        await reply.__anext__()
+        return 1000 * (time.perf_counter() - start)
+    finally:
+        await reply.aclose()
+
+
+async def service_first_audio(engine: Engine, context: list[Segment], voice_prompt_seconds: float = VOICE_PROMPT_SECONDS,
+                              samples: int = 3) -> dict:
+    """First audio through the conversation service (asyncio, the inference thread, chunking):
+    a warm conversation (its 30 s context cached); the same conversation with a styled reply
+    and an unstyled one, alternated; the first reply of a new conversation whose pinned voice
+    prompt of `voice_prompt_seconds` is new to the service (`new_conversation_voice_first`) and
+    of one that follows another conversation with the same voice (`new_conversation_voice`: the
+    voice rows are copied from the shared prefix store, not prefilled again)."""
+    from .service import Exemplar
+
+    rate = 24_000
+    out: dict = {}
+    async with EngineService(engine) as service:
+        warm = service.conversation("bench-warm")
+        for segment in context:
+            await warm.add_segment(segment.speaker, segment.text, codes=segment.codes)
+        await _cached(service, warm)
+        await first_audio_ms(warm)  # warm-up
+        out["warm_conversation_service"] = statistics.median([await first_audio_ms(warm) for _ in range(samples)])
+
+        exemplars = [Exemplar(speaker, text, voice_like(seconds, seed=10 + i), rate)
+                     for i, (speaker, text, seconds) in enumerate(STYLE_EXEMPLARS)]
+        await service.add_style("comforting", exemplars)
+        await first_audio_ms(warm, style="comforting")  # warm-up
+        plain, styled = [], []
+        for _ in range(samples):  # alternated, so both see the same (slowly growing) history
+            plain.append(await first_audio_ms(warm))
+            styled.append(await first_audio_ms(warm, style="comforting"))
+        out["unstyled_reply"] = statistics.median(plain)
+        out["styled_reply"] = statistics.median(styled)
+        out["styled_reply_extra_ms"] = out["styled_reply"] - out["unstyled_reply"]
+        out["style_exemplar_rows"] = sum(service._rows(s) for s in service._style("comforting").segments)
+        await warm.close()
+
+        wav = voice_like(voice_prompt_seconds, seed=1)
+        first, shared = [], []
+        hits = engine.prefixes.hits
+        for i in range(samples):  # each sample registers a voice new to the service (a new prefix)
+            name = f"bench-voice-{i}"
+            voice = await service.add_voice(name, text=VOICE_TEXT, audio=wav, sample_rate=rate)
+            a = service.conversation(f"bench-voice-{i}-a", voices={0: name})
+            first.append(await first_audio_ms(a))
+            b = service.conversation(f"bench-voice-{i}-b", voices={0: name})  # a is still open: another call
+            shared.append(await first_audio_ms(b))
+            await a.close()
+            await b.close()
+        out["new_conversation_voice_first"] = statistics.median(first)
+        out["new_conversation_voice"] = statistics.median(shared)
+        out["voice_prompt_rows"] = service._rows(Segment(0, VOICE_TEXT, voice.codes))
+        out["voice_prefix_hits"] = engine.prefixes.hits - hits
+    return out
+
+
+def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, baseline=True, quantize=None, compile=False,
+        voice_prompt_seconds: float = VOICE_PROMPT_SECONDS, agent_turn: bool | dict = False) -> dict:
+    """The whole bench as one JSON-able dict. agent_turn: True (or a dict of
+    csm_plugin.bench_agent_turn.run options) also runs a voice agent's turns through the
+    framework adapters (`agent_turn` in the result)."""
     from . import __version__
     from .engine import parse_dtype
 
@@ -199,6 +329,30 @@ def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, bas
         "concurrency": concurrent_streams(engine, keyed, streams, frames=max(5, frames)),
     }
     result["time_to_first_audio_ms"]["prefix_cache_speedup"] = result["time_to_first_audio_ms"]["full_reprefill"] / result["time_to_first_audio_ms"]["warm_conversation"]
+    result["settings"]["voice_prompt_seconds"] = voice_prompt_seconds
+    result["settings"]["style_exemplar_seconds"] = [seconds for _, _, seconds in STYLE_EXEMPLARS]
+    served = asyncio.run(service_first_audio(engine, context, voice_prompt_seconds))
+    ttfa = result["time_to_first_audio_ms"]
+    ttfa.update({k: served[k] for k in ("warm_conversation_service", "new_conversation_voice", "new_conversation_voice_first",
+                                         "unstyled_reply", "styled_reply", "styled_reply_extra_ms")})
+    result["service"] = {k: served[k] for k in ("voice_prompt_rows", "voice_prefix_hits", "style_exemplar_rows")}
+    ratio = ttfa["new_conversation_voice"] / ttfa["warm_conversation"]
+    result["targets"] = {
+        "new_conversation_voice_vs_warm": {
+            "ratio": ratio, "target": 1.3, "met": ratio <= 1.3,
+            "ratio_vs_warm_conversation_service": ttfa["new_conversation_voice"] / ttfa["warm_conversation_service"],
+        },
+    }
+    result["ratios_service"] = {
+        "voice_prefix_sharing_speedup": ttfa["new_conversation_voice_first"] / ttfa["new_conversation_voice"],
+        "styled_over_unstyled": ttfa["styled_reply"] / ttfa["unstyled_reply"],
+    }
+    if agent_turn:
+        from . import bench_agent_turn
+
+        options = agent_turn if isinstance(agent_turn, dict) else {}
+        result["agent_turn"] = bench_agent_turn.run(engine, **options)
+        result["targets"]["llm_first_token_to_first_audio"] = bench_agent_turn.target_summary(result["agent_turn"])
     if baseline:
         import transformers
 
@@ -212,12 +366,65 @@ def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, bas
     return result
 
 
-def main(args) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(args.size, args.device, args.dtype, args.streams, args.frames, not args.no_baseline, args.quantize, args.compile)
+def add_agent_turn_arguments(p: argparse.ArgumentParser) -> None:
+    """The options this module adds to `csm-plugin bench` (the CLI's parser calls this)."""
+    p.add_argument("--voice-prompt-seconds", type=float, default=VOICE_PROMPT_SECONDS,
+                   help="length of the pinned voice prompt for the new-conversation figures")
+    p.add_argument("--agent-turn", action="store_true",
+                   help="also run a voice agent's turns through the Pipecat and LiveKit adapters (scripted STT and LLM)")
+    p.add_argument("--agent-turns", type=int, default=4, help="user turns per adapter with --agent-turn")
+    p.add_argument("--agent-split", choices=["clause", "sentence"], default="clause",
+                   help="split mode asked of the adapters (used where the installed adapter has the setting)")
+    p.add_argument("--agent-frameworks", default="pipecat,livekit", help="comma-separated: pipecat, livekit")
+    p.add_argument("--llm-first-token-ms", type=float, default=350.0, help="the LLM stand-in's time to its first token")
+    p.add_argument("--llm-tokens-per-s", type=float, default=40.0, help="the LLM stand-in's streaming rate")
+    p.add_argument("--agent-max-audio-ms", type=float, default=1200.0,
+                   help="cap on each spoken piece's audio (first audio does not depend on it)")
+
+
+def agent_turn_options(args) -> dict | bool:
+    if not getattr(args, "agent_turn", False):
+        return False
+    return {"turns": args.agent_turns, "split": args.agent_split,
+            "frameworks": tuple(f.strip() for f in args.agent_frameworks.split(",") if f.strip()),
+            "llm_first_token_ms": args.llm_first_token_ms, "tokens_per_s": args.llm_tokens_per_s,
+            "max_audio_ms": args.agent_max_audio_ms, "voice_prompt_seconds": args.voice_prompt_seconds}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m csm_plugin.bench`: the options of `csm-plugin bench` and the agent-turn ones."""
+    p = argparse.ArgumentParser(prog="python -m csm_plugin.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quantize", choices=["int8"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--json")
+    add_agent_turn_arguments(p)
+    return p
+
+
+def main(args) -> dict:
+    from .threads import configure_threads
+
+    configure_threads(args.threads)
+    result = run(args.size, args.device, args.dtype, args.streams, args.frames, not args.no_baseline, args.quantize, args.compile,
+                 voice_prompt_seconds=getattr(args, "voice_prompt_seconds", VOICE_PROMPT_SECONDS),
+                 agent_turn=agent_turn_options(args))
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    main(build_parser().parse_args())
