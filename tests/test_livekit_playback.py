@@ -24,6 +24,7 @@ import pytest
 pytest.importorskip("livekit.agents")
 
 from livekit.agents import Agent, AgentSession, tts  # noqa: E402
+from livekit.agents.voice.speech_handle import SpeechHandle  # noqa: E402
 from livekit.plugins import csm  # noqa: E402
 from test_livekit_support import (  # noqa: E402
     REPLY_MS,
@@ -196,7 +197,7 @@ async def test_a_probe_during_a_session_turn_is_not_matched_to_its_playback(hf_c
     recovered = asyncio.Event()
     fallback.on("tts_availability_changed", lambda ev: ev.tts is speech and ev.available and recovered.set())
     out = CaptureOutput()
-    session = AgentSession(llm=ScriptedLLM(["Let me check that."]), tts=fallback, vad=None, turn_handling=NO_TURN_DETECTION)
+    session = AgentSession(llm=ScriptedLLM(["Let me check that.", "Found it, here it is."]), tts=fallback, vad=None, turn_handling=NO_TURN_DETECTION)
     session.output.audio = out
     speech.attach(session)
     await session.start(agent=Agent(instructions="x"), record=False)
@@ -206,7 +207,64 @@ async def test_a_probe_during_a_session_turn_is_not_matched_to_its_playback(hf_c
         assert len(out.reported) == 1 and backend.yielded > 0  # the tone played; the probe spoke
         await wait_until(lambda: speech.conversation is not None and not speech.conversation.speaking, "the probe to end")
         assert [(s.speaker, s.text) for s in speech.conversation.history] == [(1, "Is my order late?")]
+
+        # recovered, it serves the next reply through the adapter, and that reply is a turn
+        await session.generate_reply(user_input="Where is it?").wait_for_playout()
+        assert turns_of(speech)[1:] == [(1, "Where is it?", 0), (0, "Found it,", 6), (0, "here it is.", 6)]
     finally:
         await session.aclose()
         await fallback.aclose()
+        await speech.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_speech_synthesized_ahead_waits_for_the_turn_playing(hf_checkpoint):
+    """LiveKit's preemptive TTS (AgentSession(preemptive_generation=...)) can start a speech's
+    synthesis while the previous speech still plays. Its pieces go after that turn's only once
+    the turn's playback is settled (here trimmed by a barge-in), so the trim still finds the
+    turn at the end of the history; a speech LiveKit then discards (its handle done, never
+    played) leaves nothing behind."""
+    from livekit.agents.voice.agent_activity import _SpeechHandleContextVar  # how LiveKit marks a speech's tasks
+
+    backend = CountingBackend(await shared_service(hf_checkpoint))
+    speech = csm.TTS(backend=backend, seed=SEED, max_audio_ms=REPLY_MS)
+    out = CaptureOutput(played_fraction=0.5)
+    out.hold = True
+    session = await start_session(speech, Agent(instructions="x"), out)
+    try:
+        first = session.say("Your parcel left on Monday.")
+        await wait_until(
+            lambda: out.duration > 0 and speech.conversation is not None and len(speech.conversation.history) == 1
+            and not speech.conversation.speaking,
+            "the first speech to be playing",
+        )
+        ahead = SpeechHandle.create()
+
+        async def synthesize_ahead():
+            token = _SpeechHandleContextVar.set(ahead)  # as LiveKit runs that speech's TTS node
+            try:
+                stream = speech.stream()
+            finally:
+                _SpeechHandleContextVar.reset(token)
+            stream.push_text("Here is what I found.")
+            stream.end_input()
+            return [ev async for ev in stream]
+
+        task = asyncio.create_task(synthesize_ahead())
+        await asyncio.sleep(0.5)
+        assert not task.done() and [t for t, _ in backend.spoken] == ["Your parcel left on Monday."]  # waiting
+
+        session.interrupt()
+        await first.wait_for_playout()
+        events = await asyncio.wait_for(task, 60)
+        assert sum(ev.frame.samples_per_channel for ev in events) > 0  # spoke once the turn was settled
+        kept = math.ceil(out.reported[-1].playback_position * 1000 / 80)
+        trimmed = speech.conversation.history[0]
+        assert frames_of(trimmed) == kept < 6 and "Your parcel left on Monday.".startswith(trimmed.text)
+        assert turns_of(speech) == [(0, trimmed.text, kept), (0, "Here is what I found.", 6)]
+
+        ahead._mark_done()  # LiveKit discards a speech it will not play: its handle is done
+        await wait_until(lambda: turns_of(speech) == [(0, trimmed.text, kept)], "the unplayed speech to leave")
+    finally:
+        await session.aclose()
         await speech.aclose()

@@ -429,10 +429,11 @@ class TTS(tts.TTS):
                 await conv.add_segment(speaker, text)
 
     def _settleable(self, turn: _Turn) -> bool:
-        """Its playback is over: interrupted, its speech done, or the session moved on from it
-        after playing some of it (a speech waiting for its tools is not done, yet played)."""
+        """Its playback is over: reported interrupted, its speech done, or the session moved on
+        from it after playing some of it (a speech waiting for its tools is not done, yet played).
+        An interrupted speech is not enough: its last playback report may still be on its way."""
         owner = turn.owner
-        if turn.interrupted or owner.done() or owner.interrupted:
+        if turn.interrupted or owner.done():
             return True
         current = self._session.current_speech if self._session is not None else None
         return turn.events > 0 and current is not owner
