@@ -7,11 +7,15 @@ with `busy` and a retry-after hint, which `RemoteBackend` honours with backoff. 
 out round-robin across the keys that wait, so one key's burst does not starve another key.
 
 A reply whose reader has fallen behind real time (see stream.py) is marked `behind`: it is out of
-the batch already (the engine skips a stream whose listener does not take its frames), and when
-another reply waits for a place, the reply that fell behind first gives its place up: it ends at
-once with `slow_consumer`, its history keeping exactly the frames it delivered. (A reply's place
-is its cache slot, which cannot be handed to another reply while the first one still holds its
-context and half-spoken audio.)
+the batch already (the engine pauses a stream whose listener does not take its frames). When
+another reply waits for a place and none is free, the reply that fell behind first gives its
+place up: it no longer counts against the limits and the waiting reply is admitted at once. The
+reply that gave its place up is not ended: the engine suspends it when the reply admitted in its
+stead needs its cache slot (csm_plugin/engine/preempt.py), and when its reader catches up it
+counts again (for a while above the limit, if the places are taken; no new reply is admitted
+until there is room again) and goes on where it was. A reader that stays behind past
+send_timeout_s ends its reply with `slow_consumer` (stream.py), its history keeping exactly the
+frames it was sent.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ class Busy(ProtocolError):
 
 @dataclass(eq=False)
 class Place:
-    """One admitted reply. `on_yield` asks its holder to give the place up (it must then release it)."""
+    """One admitted reply. `on_yield` is told when the place is handed to a waiting reply (the
+    reply goes on, out of the limits, until its reader catches up or it ends)."""
 
     key_id: str
     on_yield: Callable[[], None] | None = None
     admitted_at: float = field(default_factory=time.monotonic)
     behind_since: float | None = None  # its reader fell behind real time at this moment
-    yielding: bool = False  # asked to give the place up, not released yet
+    yielded: bool = False  # gave its place to a waiting reply while behind: not counted
     released: bool = False
 
 
@@ -62,8 +67,9 @@ class Admission:
         self.max_queue = max_queue
         self.max_queue_per_key = max_queue_per_key
         self.wait_s = wait_s
-        self.active: set[Place] = set()
+        self.active: set[Place] = set()  # the places counted against capacity and per_key
         self.active_per_key: collections.Counter[str] = collections.Counter()
+        self.yielded: set[Place] = set()  # replies behind that gave their place up (not counted)
         self._queues: collections.OrderedDict[str, collections.deque[_Waiter]] = collections.OrderedDict()
         self._hold_s = 2.0  # running mean of how long a place is held (for the retry-after hint)
         self._closed: ProtocolError | None = None
@@ -72,6 +78,11 @@ class Admission:
     @property
     def queued(self) -> int:
         return sum(len(q) for q in self._queues.values())
+
+    @property
+    def behind(self) -> int:
+        """Replies whose reader is behind real time (holding a place or not)."""
+        return sum(p.behind_since is not None for p in (*self.active, *self.yielded))
 
     def retry_after_s(self) -> float:
         """A hint: about when a place may be free for one more reply (whole seconds, 1..60)."""
@@ -127,23 +138,30 @@ class Admission:
         if place.released:
             return
         place.released = True
-        self.active.discard(place)
-        self.active_per_key[place.key_id] -= 1
-        if self.active_per_key[place.key_id] <= 0:
-            del self.active_per_key[place.key_id]
+        if place.yielded:
+            self.yielded.discard(place)
+        else:
+            self._uncount(place)
         held = time.monotonic() - place.admitted_at
         self._hold_s = 0.8 * self._hold_s + 0.2 * min(held, 60.0)
         self._dispatch()
         self._changed()
 
     def set_behind(self, place: Place, behind: bool) -> None:
-        """The place's reader fell behind real time (or caught up again)."""
+        """The place's reader fell behind real time (or caught up again: a reply that gave its
+        place up counts again, even above the limits, since it is running already)."""
+        if place.released:
+            return
         if behind and place.behind_since is None:
             place.behind_since = time.monotonic()
             self._changed()
             self._rebalance()
         elif not behind and place.behind_since is not None:
             place.behind_since = None
+            if place.yielded:
+                place.yielded = False
+                self.yielded.discard(place)
+                self._count(place)
             self._changed()
 
     def close(self, reason: ProtocolError) -> None:
@@ -163,10 +181,19 @@ class Admission:
 
     def _admit(self, key_id: str, on_yield) -> Place:
         place = Place(key_id, on_yield)
-        self.active.add(place)
-        self.active_per_key[key_id] += 1
+        self._count(place)
         self._changed()
         return place
+
+    def _count(self, place: Place) -> None:
+        self.active.add(place)
+        self.active_per_key[place.key_id] += 1
+
+    def _uncount(self, place: Place) -> None:
+        self.active.discard(place)
+        self.active_per_key[place.key_id] -= 1
+        if self.active_per_key[place.key_id] <= 0:
+            del self.active_per_key[place.key_id]
 
     def _dispatch(self) -> None:
         """Hand free places to waiters, one key after another (round robin)."""
@@ -188,15 +215,23 @@ class Admission:
                 return  # nobody that can take a place
 
     def _rebalance(self) -> None:
-        """For each waiter no place is being freed for, ask one reply that fell behind (the
-        earliest first) to give its place up."""
-        waiting = sum(1 for q in self._queues.values() for w in q if not w.future.done())
-        yielding = sum(1 for p in self.active if p.yielding)
-        victims = sorted((p for p in self.active if p.behind_since is not None and not p.yielding and p.on_yield),
-                         key=lambda p: p.behind_since)
-        for place in victims[: max(0, waiting - yielding)]:
-            place.yielding = True
-            place.on_yield()
+        """While replies wait and every place is taken, the reply that fell behind first gives
+        its place to one of them (as long as that lets a waiting reply in)."""
+        while len(self.active) >= self.capacity:
+            victims = [p for p in self.active if p.behind_since is not None]
+            waiters = [w for q in self._queues.values() for w in q if not w.future.done()]
+            if not victims or not waiters or len(self.active) - len(victims) >= self.capacity:
+                return  # (the last: even all of them would not make room, after places came back above it)
+            victim = min(victims, key=lambda p: p.behind_since)
+            if not any(self.active_per_key[w.key_id] < self.per_key or w.key_id == victim.key_id for w in waiters):
+                return  # the waiting replies are held by their key's limit, not by this place
+            self._uncount(victim)
+            victim.yielded = True
+            self.yielded.add(victim)
+            if victim.on_yield is not None:
+                victim.on_yield()
+            self._dispatch()
+            self._changed()
 
     def _changed(self) -> None:
-        self._on_change(len(self.active), self.queued, sum(p.behind_since is not None for p in self.active))
+        self._on_change(len(self.active), self.queued, self.behind)

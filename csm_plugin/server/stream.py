@@ -90,7 +90,7 @@ def _cap_send_buffer(request: web.Request, size: int) -> None:
 
 
 class SlowConsumer(ProtocolError):
-    """The reader fell behind real time and stayed there (or gave its place to a waiting reply)."""
+    """The reader fell behind real time and stayed there for send_timeout_s."""
 
     def __init__(self, message: str):
         super().__init__(Code.SLOW_CONSUMER, message)
@@ -132,7 +132,6 @@ class Connection:
         self.interrupted = False
         self._stopping = False  # the reply is being stopped on purpose: it ends with its `done`
         self._stop_reason: ProtocolError | None = None  # why (sent in that `done`), None: the client interrupted
-        self._yield_place = asyncio.Event()  # admission asks the reply to give its place up
         self._behind_since: float | None = None  # the reader fell behind real time then
         self._last_active = 0.0  # loop time of the last client message or reply activity (idle timeout)
         self._send_lock = asyncio.Lock()
@@ -373,7 +372,6 @@ class Connection:
         self.generating = self.queued = True
         self.interrupted = self._stopping = False
         self.pending_interrupt = self._stop_reason = self._behind_since = None
-        self._yield_place = asyncio.Event()
         self.speak_task = asyncio.create_task(self._reply(message, self.session))
 
     # --- one reply -----------------------------------------------------------------------
@@ -384,7 +382,7 @@ class Connection:
         state = self.state
         queued_at = time.perf_counter()
         try:
-            place = await state.admission.acquire(self.key_id, self._yield_place.set)
+            place = await state.admission.acquire(self.key_id)
         except asyncio.CancelledError:
             self.generating = self.queued = False
             if not self._stopping:
@@ -504,9 +502,11 @@ class Connection:
 
         Backpressure: this waits until the socket takes the chunk, so the reply is not pulled
         and its generation pauses. A socket that has not taken it by `due` (see _Pacing) means
-        the reader is behind: the reply leaves the batch (the engine skips a stream its listener
-        does not drain) and, if another reply waits for a place, gives its place up at once;
-        otherwise it may stay behind up to send_timeout_s. Either way it ends with SlowConsumer."""
+        the reader is behind: the reply is out of the batch (the engine pauses a stream its
+        listener does not drain) and, if another reply waits for a place, gives its place up at
+        once (admission.py); the engine then suspends it, its cache slot going to the reply
+        admitted in its stead, and resumes it where it was once its reader catches up. A reader
+        that stays behind for send_timeout_s ends the reply with SlowConsumer."""
         pair = asyncio.ensure_future(self._send_pair(dumps(chunk_header(rid, chunk)), chunk.data))
         try:
             await self._wait_sent(pair, due, place)
@@ -518,22 +518,16 @@ class Connection:
         limit = self.state.limits.send_timeout_s
         while True:
             deadline = due if self._behind_since is None else self._behind_since + limit
-            yielded = asyncio.ensure_future(self._yield_place.wait())
-            try:
-                await asyncio.wait({pair, yielded}, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                yielded.cancel()
+            await asyncio.wait({pair}, timeout=max(0.0, deadline - loop.time()))
             if pair.done():
                 pair.result()  # a ConnectionError if the socket went away
                 if self._behind_since is not None and loop.time() <= due:  # caught up
                     self._behind_since = None
                     self.state.admission.set_behind(place, False)
                 return
-            if self._yield_place.is_set():
-                raise SlowConsumer("the reader fell behind real time and another reply needed the place")
             if self._behind_since is None:
                 self._behind_since = loop.time()
-                self.state.admission.set_behind(place, True)  # may ask for the place at once
+                self.state.admission.set_behind(place, True)  # gives the place up if a reply waits
             elif loop.time() >= deadline:
                 raise SlowConsumer(f"the reader stayed behind real time for {limit:g} s")
 
