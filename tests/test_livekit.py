@@ -3,8 +3,8 @@
 A small random checkpoint speaks; replies are capped at a few frames so the file stays fast.
 What each test mirrors in LiveKit Agents 1.8: `tts.ChunkedStream` / `tts.SynthesizeStream` and
 their `AudioEmitter` (frames pushed as they exist, one final event, one TTSMetrics per request or
-segment, `_mark_started` for TTFB), upstream tests/test_tts.py's streamed synthesis (text pushed
-token by token, audio out before the input ends), `tts.FallbackAdapter`, `TTS.prewarm`,
+segment, `_mark_started` for TTFB), upstream tests/test_tts.py `test_tts_stream` (`_do_stream`: text
+pushed token by token as an LLM sends it, audio read while it is pushed), `tts.FallbackAdapter`, `TTS.prewarm`,
 `livekit.agents.testing.fake_job_context`, and an `AgentSession` with a capturing
 `io.AudioOutput` (the pattern of upstream tests/fake_io.py)."""
 
@@ -157,8 +157,8 @@ async def test_sentence_mode_speaks_each_sentence_as_soon_as_it_is_complete(hf_c
 
 @pytest.mark.asyncio
 async def test_stream_starts_speaking_at_the_first_clause(hf_checkpoint):
-    """Streamed synthesis (upstream tests/test_tts.py: push_text piece by piece, audio before
-    end_input): in clause mode the first piece is spoken as soon as its clause is complete, while
+    """Upstream tests/test_tts.py `test_tts_stream` (tokens pushed as an LLM sends them, audio
+    read meanwhile): in clause mode the first piece is spoken as soon as its clause is complete, while
     the rest of the sentence has not arrived."""
     backend = CountingBackend(await shared_service(hf_checkpoint))
     speech = csm.TTS(backend=backend, seed=SEED, max_audio_ms=REPLY_MS, follow_session=False)
