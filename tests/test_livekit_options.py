@@ -155,6 +155,16 @@ async def test_a_tagged_reply_is_spoken_as_its_clauses_in_that_style(hf_checkpoi
     await speech.aclose()
 
 
+def test_bad_split_options_are_refused_when_the_tts_is_made():
+    backend = FakeBackend()
+    with pytest.raises(ValueError, match="split"):
+        csm.TTS(backend=backend, split="word")
+    with pytest.raises(ValueError, match="max_words"):
+        csm.TTS(backend=backend, clause_min_words=5, clause_max_words=3)
+    with pytest.raises(ValueError, match="min_words"):
+        csm.TTS(backend=backend, clause_min_words=0)
+
+
 # --- voices -------------------------------------------------------------------------------------
 
 

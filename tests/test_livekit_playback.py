@@ -9,6 +9,9 @@ The LiveKit behaviour each test mirrors:
 - upstream tests/test_tts_fallback.py `test_tts_recover` / `test_tts_stream_fallback`: after a
   failure, `tts.FallbackAdapter` probes the failed TTS with the same text in a task of its own and
   throws the audio away (`AvailabilityChangedEvent(available=True)` when it succeeds).
+- LiveKit's tool step (agent_activity `_pipeline_reply_task`): the text before a tool call plays,
+  the SpeechHandle waits for the tool (not done, no longer the current speech), then the tool
+  reply is spoken under the same handle.
 - `io.AudioOutput`: one `playback_finished(playback_position, interrupted)` per output segment,
   emitted while its speech is the session's `current_speech`.
 Offline: a small random checkpoint, an AgentSession without a room.
@@ -23,7 +26,14 @@ import pytest
 
 pytest.importorskip("livekit.agents")
 
-from livekit.agents import Agent, AgentSession, tts  # noqa: E402
+from livekit.agents import (  # noqa: E402
+    DEFAULT_API_CONNECT_OPTIONS,
+    Agent,
+    AgentSession,
+    function_tool,
+    llm,
+    tts,
+)
 from livekit.agents.voice.speech_handle import SpeechHandle  # noqa: E402
 from livekit.plugins import csm  # noqa: E402
 from test_livekit_support import (  # noqa: E402
@@ -224,7 +234,9 @@ async def test_a_speech_synthesized_ahead_waits_for_the_turn_playing(hf_checkpoi
     the turn's playback is settled (here trimmed by a barge-in), so the trim still finds the
     turn at the end of the history; a speech LiveKit then discards (its handle done, never
     played) leaves nothing behind."""
-    from livekit.agents.voice.agent_activity import _SpeechHandleContextVar  # how LiveKit marks a speech's tasks
+    from livekit.agents.voice.agent_activity import (
+        _SpeechHandleContextVar,  # how LiveKit marks a speech's tasks
+    )
 
     backend = CountingBackend(await shared_service(hf_checkpoint))
     speech = csm.TTS(backend=backend, seed=SEED, max_audio_ms=REPLY_MS)
@@ -265,6 +277,54 @@ async def test_a_speech_synthesized_ahead_waits_for_the_turn_playing(hf_checkpoi
 
         ahead._mark_done()  # LiveKit discards a speech it will not play: its handle is done
         await wait_until(lambda: turns_of(speech) == [(0, trimmed.text, kept)], "the unplayed speech to leave")
+    finally:
+        await session.aclose()
+        await speech.aclose()
+
+
+class _ToolLLM(ScriptedLLM):
+    """Answers "<tool>" with a sentence and then a call of the agent's `look_up` tool."""
+
+    def chat(self, *, chat_ctx, tools=None, conn_options=DEFAULT_API_CONNECT_OPTIONS, **kw):
+        if self.replies[0] != "<tool>":
+            return super().chat(chat_ctx=chat_ctx, tools=tools, conn_options=conn_options, **kw)
+        self.replies.pop(0)
+        return _ToolCallStream(self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options)
+
+
+class _ToolCallStream(llm.LLMStream):
+    async def _run(self) -> None:
+        for token in ("Let me", " look that up."):
+            self._event_ch.send_nowait(llm.ChatChunk(id="t", delta=llm.ChoiceDelta(role="assistant", content=token)))
+        call = llm.FunctionToolCall(name="look_up", arguments="{}", call_id="call-1")
+        self._event_ch.send_nowait(llm.ChatChunk(id="t", delta=llm.ChoiceDelta(role="assistant", tool_calls=[call])))
+
+
+@pytest.mark.asyncio
+async def test_a_reply_around_a_tool_call_is_recorded_in_order(hf_checkpoint):
+    """LiveKit's tool step: the reply before a tool call plays, the speech waits for the tool
+    (not done, no longer playing), then the tool reply is spoken under the same SpeechHandle.
+    Both parts are recorded as heard, in order, and nothing waits on the unfinished speech."""
+    tool_done = asyncio.Event()
+
+    class ToolAgent(Agent):
+        @function_tool
+        async def look_up(self) -> str:
+            """Look up the order."""
+            await asyncio.sleep(0.3)
+            tool_done.set()
+            return "shipped on Monday"
+
+    speech = csm.TTS(backend=await shared_service(hf_checkpoint), seed=SEED, max_audio_ms=REPLY_MS)
+    out = CaptureOutput()
+    session = await start_session(speech, ToolAgent(instructions="x"), out, llm=_ToolLLM(["<tool>", "It shipped on Monday."]))
+    try:
+        handle = session.generate_reply(user_input="Where is my order?")
+        await asyncio.wait_for(handle.wait_for_playout(), 60)
+        await wait_until(lambda: len(out.reported) == 2, "the tool reply to play")
+        assert tool_done.is_set()
+        await wait_until(lambda: len(speech.conversation.history) == 3, "the tool reply to be recorded")
+        assert turns_of(speech) == [(1, "Where is my order?", 0), (0, "Let me look that up.", 6), (0, "It shipped on Monday.", 6)]
     finally:
         await session.aclose()
         await speech.aclose()

@@ -500,7 +500,10 @@ class TTS(tts.TTS):
         its own, whose audio is thrown away. An adapter subscribes to each of its TTSs'
         metrics, which is how it is found; its recovery tasks are private, so any layout this
         does not recognise counts as no probe."""
-        task = asyncio.current_task()
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop: not inside an adapter's task
+            return False
         if task is None:
             return False
         for listener in list(getattr(self, "_events", {}).get("metrics_collected", ())):
