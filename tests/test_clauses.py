@@ -76,6 +76,9 @@ def test_style_tag_is_split_and_carried_to_later_pieces_of_the_reply():
     carry = StyleTagCarry()
     pieces = [carry(p) for p in split_text("[calm] One moment, please. I am checking your order now.")]
     assert pieces == ["[calm] One moment,", "[calm] please. I am checking your order now."]
+    # the tag is not a word: "[calm] Sure," is as short as "Sure,"
+    assert split_text("[calm] Sure, I can help.") == ["[calm] Sure, I can help."]
+    assert split_text("[calm] " + " ".join(["w"] * 13)) == ["[calm] " + " ".join(["w"] * 12), "w"]
     carry.reset()
     assert carry("Plain text,") == "Plain text,"
     assert carry("stays plain.") == "stays plain."

@@ -10,6 +10,8 @@ the audio already playing.
   `max_words` words when no punctuation comes.
 - "sentence" mode ends a piece at sentence ends only (whole-sentence mode, as before).
 
+A leading "[style]" tag (conversation/styles.py) is not counted as a word.
+
 Punctuation followed by a non-space ("1,000", "3.5", "e.g.x") is never a boundary, so a boundary
 is only known once the character after it has arrived.
 """
@@ -20,6 +22,7 @@ import re
 from typing import Literal
 
 from ..errors import InputError
+from .styles import split_style_tag
 
 SplitMode = Literal["clause", "sentence"]
 
@@ -69,16 +72,18 @@ class TextSplitter:
     def _boundary(self) -> int | None:
         """End of the first complete piece in the buffer, or None."""
         pattern = _CLAUSE_END if self.mode == "clause" else _SENTENCE_END
-        for match in pattern.finditer(self._buffer):
+        # A leading "[style]" tag is not a word: "[calm] Sure," is one word, like "Sure,".
+        tag_end = len(self._buffer) - len(split_style_tag(self._buffer)[1])
+        for match in pattern.finditer(self._buffer, tag_end):
             if self.mode == "sentence":
                 return match.end()
-            words = len(_WORD.findall(self._buffer[: match.end()]))
+            words = len(_WORD.findall(self._buffer, tag_end, match.end()))
             if words > self.max_words:
                 break  # the word limit comes first
             if words >= self.min_words:
                 return match.end()
         if self.mode == "clause":
-            words = list(_WORD.finditer(self._buffer))
+            words = list(_WORD.finditer(self._buffer, tag_end))
             # max_words complete words: the word after them has started (or whitespace follows)
             if len(words) > self.max_words:
                 return words[self.max_words - 1].end()
