@@ -9,7 +9,10 @@ checkpoint unless --model is given, and stops them):
 - load: 50 concurrent two-turn conversations on one key, 8 cache slots: completed, errors, lost
   turns, first-audio p50/p95 (bench/load_test.py).
 - isolation: another key's first audio, unloaded and then with 8 readers on one key that read
-  1 KiB every 0.5 s through a 4 KiB receive buffer (the issue's slow readers); the ratio.
+  1 KiB every 0.5 s through a 4 KiB receive buffer (the issue's slow readers) holding all 8
+  cache slots; the ratio. send_timeout_s is 120 s here, so that no slow reply is cut while it
+  is measured: the other key's replies get slots because the slow ones are suspended (counted
+  from the server's debug log), and the slow replies are still running afterwards.
 - encode: the longest gap between a running reply's frames while another conversation's 60 s
   turn is encoded, in-process: encoded on the inference thread (as before) and on the encoder
   thread (as now), against one frame interval (80 ms).
@@ -64,9 +67,11 @@ def free_port() -> int:
 class Server:
     """`csm-plugin serve` on 127.0.0.1:port in a subprocess."""
 
-    def __init__(self, model: Path, workdir: Path, name: str, threads: int, port: int | None = None, config: dict | None = None):
+    def __init__(self, model: Path, workdir: Path, name: str, threads: int, port: int | None = None, config: dict | None = None,
+                 verbose: bool = False):
         self.port = port or free_port()
         self.model, self.workdir, self.name, self.threads, self.config = model, workdir, name, threads, config
+        self.verbose = verbose
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Server:
@@ -78,6 +83,8 @@ class Server:
             path = self.workdir / f"{self.name}.json"
             path.write_text(json.dumps(self.config))
             args += ["--config", str(path)]
+        if self.verbose:
+            args.append("-v")
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
         env.pop("CSM_API_KEYS", None)
         self.log = open(self.workdir / f"{self.name}.log", "a")
@@ -87,6 +94,10 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def log_lines(self, text: str) -> int:
+        """How many lines of the server's log contain `text`."""
+        return sum(text in line for line in (self.workdir / f"{self.name}.log").read_text().splitlines())
 
     async def ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -191,7 +202,8 @@ class SlowReader:
 
 
 async def phase_isolation(model, workdir, threads) -> dict:
-    server = Server(model, workdir, "isolation", threads).start()
+    send_timeout_s = 120  # no slow reply is cut while measured: isolation must come from suspending them
+    server = Server(model, workdir, "isolation", threads, config={"limits": {"send_timeout_s": send_timeout_s}}, verbose=True).start()
     readers: list[SlowReader] = []
     try:
         await server.ready()
@@ -210,13 +222,16 @@ async def phase_isolation(model, workdir, threads) -> dict:
         active = await metric(server.url, "csm_active_streams")
         loaded = [await first_audio_ms(conv, f"Loaded answer {i}.", 100 + i) for i in range(7)]
         slow_consumer = await metric(server.url, 'csm_streams_total{outcome="slow_consumer"}')
+        active_after = await metric(server.url, "csm_active_streams")
         await backend.close()
         u, l = statistics.median(unloaded), statistics.median(loaded)
         return {
-            "stalled_readers": 8, "readers_behind_when_measured": behind, "replies_active_when_measured": active,
+            "stalled_readers": 8, "send_timeout_s": send_timeout_s, "readers_behind_when_measured": behind,
+            "replies_active_when_measured": active,
             "unloaded_first_audio_ms_median": round(u, 1), "loaded_first_audio_ms_median": round(l, 1),
             "loaded_first_audio_ms_max": round(max(loaded), 1), "ratio": round(l / u, 2),
-            "slow_readers_ended_slow_consumer": slow_consumer,
+            "slow_readers_ended_slow_consumer": slow_consumer, "slow_replies_still_running_after": active_after,
+            "suspensions": server.log_lines("suspended a stream"), "resumes": server.log_lines("resumed a stream"),
         }
     finally:
         for reader in readers:

@@ -208,6 +208,30 @@ def test_a_suspended_reply_that_ends_keeps_exactly_what_was_delivered(hf_checkpo
     assert np.array_equal(next_codes, expected_next)
 
 
+def test_suspended_copies_are_bounded_beyond_it_a_waiting_reply_waits(hf_checkpoint):
+    async def main():
+        async with CSMService(hf_checkpoint, max_cached_conversations=1) as service:
+            worker = service._worker
+            worker.max_backlog_frames = 3
+            worker.max_suspended_bytes = 0  # no room for any copy
+            reply, _ = await stalled_reply(service.conversation("a"), seed=1)
+            await poll(lambda: _paused(service, 1), timeout=60)
+            waiting = asyncio.ensure_future(_collect(service.conversation("b").speak("Me first.", seed=5, max_audio_ms=240)))
+            await poll(lambda: _waiting(service, 1), timeout=30)
+            assert (await counts(service)) == {"active": 0, "paused": 1, "suspended": 0, "waiting": 1}
+            assert not waiting.done()
+            worker.max_suspended_bytes = 2**30  # room again: the paused stream gives its slot up
+            assert len(await asyncio.wait_for(waiting, 30)) == 3
+            assert (await counts(service))["suspended"] == 1
+            await reply.aclose()
+
+    run(main())
+
+
+async def _waiting(service: CSMService, n: int) -> bool:
+    return (await counts(service))["waiting"] == n
+
+
 async def _collect(reply) -> list:
     return [c async for c in reply]
 

@@ -28,6 +28,7 @@ class _Job:
     wait_for_slot: bool
     steps: Generator | None = None  # set while a multi-step job (a chunked prefill) runs
     cancelled: bool = False  # its caller gave up: stop it at the next step (see cancel)
+    parked: bool = False  # found no free cache slot and has not had one since
 
 
 @dataclass(eq=False)
@@ -66,7 +67,6 @@ class InferenceWorker:
         self.max_backlog_frames = max_backlog_frames  # a stream this far ahead of its listener waits
         self.resume_backlog_frames = resume_backlog_frames  # None: half of max_backlog_frames
         self.max_suspended_bytes = max_suspended_bytes
-        self.suspensions = 0  # streams suspended so far (a figure for tests and benchmarks)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, tuple[Stream, Callable]] = {}  # streams that hold a cache slot
         self._suspended: dict[int, _Out] = {}  # streams that gave their slot up (preempt.py)
@@ -115,7 +115,8 @@ class InferenceWorker:
         """Worker-side only (call from a submitted job): streams by state. active and paused
         hold a slot; suspended do not; waiting: replies and suspended streams waiting for one."""
         paused = sum(self._paused(s) for s, _ in self._streams.values())
-        waiting = len(self._parked) + sum(out.waiting for out in self._suspended.values())
+        parked = sum(job.parked for job in self._parked + self._running)
+        waiting = parked + sum(out.waiting for out in self._suspended.values())
         return {"active": len(self._streams) - paused, "paused": paused, "suspended": len(self._suspended), "waiting": waiting}
 
     def remove_stream(self, stream: Stream) -> None:
@@ -215,12 +216,14 @@ class InferenceWorker:
                 return
             else:
                 next(job.steps)
+                job.parked = False  # past slot_for
                 return
         except StopIteration as done:
             job.future.set_result(done.value)
         except SlotsBusyError as e:
             if job.wait_for_slot:  # raised before any work (slot_for comes first): start over later
                 job.steps = None
+                job.parked = True
                 self._parked.append(job)
             else:
                 job.future.set_exception(e)
@@ -281,7 +284,6 @@ class InferenceWorker:
             if self._deliver(stream, on_frame, EngineError(f"generation failed: {e}")):
                 self.engine.finish(stream, None, None)
             return False
-        self.suspensions += 1
         log.debug("suspended a stream %d frames ahead of its listener (slot %d)",
                   stream.produced - stream.consumed, self._suspended[key].suspended.slot)
         return True
