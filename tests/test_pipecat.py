@@ -233,7 +233,7 @@ async def test_barge_in_stops_within_a_frame_and_keeps_what_was_played(hf_checkp
     await runner.add_workers(worker)
     run = asyncio.create_task(runner.run())
     try:
-        text = "One two three four five six seven eight nine ten eleven twelve thirteen."
+        text = "One two three four five six seven eight nine ten eleven."  # one piece: under clause_max_words
         await worker.queue_frames([LLMFullResponseStartFrame(), LLMTextFrame(text), LLMFullResponseEndFrame()])
         await sink.wait_for(lambda fs: len(audio_of(fs)) >= 6)
         now[0] += 0.2  # the listener has heard 200 ms, i.e. 3 frames have started playing

@@ -6,6 +6,6 @@
     tts = CSMTTSService(settings=CSMTTSService.Settings(temperature=0.8))
 """
 
-from .tts import CSMTTSService, CSMTTSSettings
+from .tts import ClauseTextAggregator, CSMTTSService, CSMTTSSettings, VoicePrompt
 
-__all__ = ["CSMTTSService", "CSMTTSSettings"]
+__all__ = ["CSMTTSService", "CSMTTSSettings", "ClauseTextAggregator", "VoicePrompt"]

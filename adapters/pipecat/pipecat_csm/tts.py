@@ -11,17 +11,24 @@ aggregators already send through it: each user turn (`LLMContextUserTurnFrame`) 
 user's own audio for that turn (`InputAudioRawFrame`s between `UserStartedSpeakingFrame` and
 `UserStoppedSpeakingFrame`), and every reply is recorded as it is generated. On a barge-in the
 conversation keeps only the audio (and the words) that were played.
+
+LLM text is cut at clause boundaries (`split="clause"`, csm_plugin's one clause rule) so that the
+first audio follows the LLM's first few words; each later clause is spoken as a continuation
+conditioned on the clauses before it, in the same Pipecat turn (one TTSStartedFrame /
+TTSStoppedFrame pair, one timeline of word timestamps). `split="sentence"` speaks whole sentences.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
-from datetime import datetime
+import weakref
 from collections import deque
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -36,6 +43,7 @@ from pipecat.frames.frames import (
     InputAudioRawFrame,
     InterruptionFrame,
     LLMContextUserTurnFrame,
+    LLMFullResponseStartFrame,
     StartFrame,
     TTSAudioRawFrame,
     UserStartedSpeakingFrame,
@@ -43,11 +51,19 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import TTSSettings
-from pipecat.services.tts_service import TTSService
+from pipecat.services.tts_service import TextAggregationMode, TTSService
+from pipecat.utils.text.base_text_aggregator import Aggregation, BaseTextAggregator, TextType
+from pipecat.utils.text.simple_text_aggregator import SimpleTextAggregator
 from pipecat.utils.tracing.service_decorators import traced_tts
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
-from csm_plugin.conversation.options import FIELDS as SPEAK_FIELDS, SpeakOptions  # torch-free
+# all torch-free: importing the adapter loads no model code
+from csm_plugin.audio import as_mono
+from csm_plugin.conversation.clauses import SplitMode, TextSplitter
+from csm_plugin.conversation.options import FIELDS as SPEAK_FIELDS, SpeakOptions
+from csm_plugin.conversation.styles import StyleTagCarry
+from csm_plugin.conversation.types import check_text
+from csm_plugin.errors import AudioError, InputError
 
 MODEL_RATE = 24_000  # CSM / Mimi output rate
 FRAME_MS = 80  # one CSM frame
@@ -74,6 +90,13 @@ class CSMTTSSettings(TTSSettings):
         context_budget: positions a conversation's context may use (an engine option, load time
             only; None = the model's 2048).
         max_user_audio_s: user turns with more audio than this are recorded as text only.
+        split: how LLM text is cut into the pieces spoken one after another: "clause" (first
+            audio at the first clause boundary; csm_plugin's clause rule) or "sentence" (Pipecat's
+            own sentence aggregator). Applies from the next LLM response.
+        clause_min_words, clause_max_words: clause mode: a clause ends at , ; : or a sentence end
+            once it has clause_min_words words, and at the latest after clause_max_words words.
+        style: a style registered with the backend (`SpeakOptions.style`), for every reply; None:
+            no style. A reply's leading `[style]` tag is carried to each of its pieces.
     """
 
     speaker: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
@@ -84,10 +107,125 @@ class CSMTTSSettings(TTSSettings):
     max_audio_ms: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
     context_budget: int | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
     max_user_audio_s: float | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    split: SplitMode | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    clause_min_words: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    clause_max_words: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    style: str | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
 
 
 _RELOAD_FIELDS = {"model", "context_budget"}  # need a new engine
 _NEW_CONVERSATION_FIELDS = {"voice"}  # pinned when the conversation is created
+_SPLIT_FIELDS = {"split", "clause_min_words", "clause_max_words"}  # the text aggregator
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing the audio arrays element-wise means nothing here
+class VoicePrompt:
+    """The agent's voice given directly: a reference clip and its exact transcript. The service
+    registers it on its backend once (`add_voice`) under a name derived from its content, and pins
+    it as the agent's speaker at the start of the conversation: CSM continues in the voice of its
+    context, so this fixes who the agent sounds like for the whole call.
+
+    audio: mono samples (numpy array or list; int16 PCM, or float in [-1, 1]); sample_rate: Hz.
+    """
+
+    text: str
+    audio: Any
+    sample_rate: int
+
+    def __post_init__(self):
+        check_text(self.text)
+        if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, (int, np.integer)) or self.sample_rate <= 0:
+            raise AudioError(f"voice prompt sample_rate must be a positive int, got {self.sample_rate!r}")
+        try:
+            wav = as_mono(self.audio)
+        except (TypeError, ValueError) as e:  # AudioError is a ValueError; a list of strings is a plain one
+            raise e if isinstance(e, AudioError) else AudioError(f"voice prompt audio must be an array of samples: {e}") from None
+        if len(wav) < self.sample_rate * FRAME_MS // 1000:
+            raise AudioError(f"voice prompt audio is shorter than one {FRAME_MS} ms frame")
+
+    @property
+    def name(self) -> str:
+        """The name it is registered under: the same clip and transcript give the same name in every
+        pipeline and process, so a backend shared by many pipelines holds it once."""
+        digest = hashlib.sha256()
+        digest.update(check_text(self.text).encode("utf-8"))
+        digest.update(int(self.sample_rate).to_bytes(8, "little"))
+        digest.update(as_mono(self.audio).tobytes())  # as float32 samples, whatever dtype they came in
+        return f"voice-prompt-{digest.hexdigest()[:16]}"
+
+    @classmethod
+    def of(cls, value: VoicePrompt | tuple) -> VoicePrompt:
+        """A VoicePrompt, or one from a (text, audio, sample_rate) tuple."""
+        if isinstance(value, VoicePrompt):
+            return value
+        if isinstance(value, tuple) and len(value) == 3:
+            return cls(*value)
+        raise InputError(f"voice_prompt must be a VoicePrompt or a (text, audio, sample_rate) tuple, got {type(value).__name__}")
+
+
+# Voice prompts registered by this adapter, per backend: the backend encodes a prompt once however
+# many pipelines use it. Values are the registrations (tasks) so that pipelines starting together
+# wait for one registration instead of each encoding the clip. Weak keys: a closed backend goes.
+_registered_voices: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Task]] = weakref.WeakKeyDictionary()
+
+
+async def _register_voice(backend: Any, prompt: VoicePrompt) -> str:
+    """Register `prompt` on `backend` (once per backend) and return its name."""
+    name = prompt.name
+    try:
+        registered = _registered_voices.setdefault(backend, {})
+    except TypeError:  # a backend that cannot be weakly referenced: register it every time
+        registered = {}
+    task = registered.get(name)
+    loop = asyncio.get_running_loop()
+    if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+        return name  # registered already (possibly from another event loop)
+    if task is None or task.done() or task.get_loop() is not loop:
+        task = registered[name] = loop.create_task(
+            backend.add_voice(name, text=prompt.text, audio=prompt.audio, sample_rate=prompt.sample_rate)
+        )
+    # shielded: a pipeline that ends while the clip is encoded does not cancel it for the others
+    await asyncio.shield(task)
+    return name
+
+
+class ClauseTextAggregator(BaseTextAggregator):
+    """A Pipecat text aggregator that cuts LLM text at clause boundaries, with csm_plugin's one
+    clause rule (`csm_plugin.conversation.clauses.TextSplitter`, shared with the LiveKit adapter and
+    the server): a clause ends at , ; : or a sentence end followed by whitespace once it has
+    `min_words` words, or after `max_words` words without punctuation.
+
+    The pieces are typed as sentences (`TextType.SENTENCE`), so `text_transforms` and
+    `skip_text_types` written for Pipecat's sentence aggregation apply to them unchanged.
+    """
+
+    def __init__(self, *, min_words: int = 2, max_words: int = 12, language: str | None = None):
+        super().__init__(aggregation_type=TextType.SENTENCE, language=language)
+        self._splitter = TextSplitter("clause", min_words=min_words, max_words=max_words)
+        self.min_words, self.max_words = min_words, max_words
+        self._pending = ""  # text received and not yet given out as a piece
+
+    @property
+    def text(self) -> Aggregation:
+        return Aggregation(text=self._pending.strip(), type=TextType.SENTENCE)
+
+    async def aggregate(self, text: str) -> AsyncIterator[Aggregation]:
+        self._pending += text
+        for piece in self._splitter.push(text):
+            # each piece is the stripped start of what is pending: drop it from the pending text
+            self._pending = self._pending[self._pending.index(piece) + len(piece) :]
+            yield Aggregation(text=piece, type=TextType.SENTENCE)
+
+    async def flush(self) -> Aggregation | None:
+        rest, self._pending = self._splitter.flush(), ""
+        return Aggregation(text=rest, type=TextType.SENTENCE) if rest else None
+
+    async def handle_interruption(self):
+        await self.reset()
+
+    async def reset(self):
+        self._splitter.flush()
+        self._pending = ""
 
 
 @dataclass
@@ -146,6 +284,11 @@ class CSMTTSService(TTSService):
         dtype: str = "float32",
         engine_options: Mapping[str, Any] | None = None,
         conversation_id: str | None = None,
+        split: SplitMode = "clause",
+        clause_min_words: int = 2,
+        clause_max_words: int = 12,
+        style: str | None = None,
+        voice_prompt: VoicePrompt | tuple[str, Any, int] | None = None,
         settings: Settings | None = None,
         **kwargs,
     ):
@@ -156,8 +299,16 @@ class CSMTTSService(TTSService):
         device, dtype: where the in-process engine runs ("cuda", "bfloat16"...).
         engine_options: other `CSMService` options (max_cached_conversations, ...).
         conversation_id: id of this pipeline's conversation (default: a fresh uuid).
+        split, clause_min_words, clause_max_words, style: the settings of the same names (see
+            `CSMTTSService.Settings`); a value in `settings` wins.
+        voice_prompt: the agent's voice as a `VoicePrompt(text, audio, sample_rate)` (or that
+            tuple), registered on the backend under a content-derived name; instead of the `voice`
+            setting, which names a voice registered elsewhere (e.g. a server's voices file).
         settings: see `CSMTTSService.Settings`.
-        **kwargs: `TTSService` options (sample_rate, text_aggregation_mode, ...).
+        **kwargs: `TTSService` options (sample_rate, text_transforms, ...).
+
+        Raises InputError (a ValueError) for invalid settings, for token-by-token text
+        aggregation (CSM speaks whole pieces: use `split`), and for `voice` with `voice_prompt`.
         """
         store = self.Settings(
             model=None,
@@ -171,9 +322,25 @@ class CSMTTSService(TTSService):
             max_audio_ms=None,
             context_budget=None,
             max_user_audio_s=20.0,
+            split=split,
+            clause_min_words=clause_min_words,
+            clause_max_words=clause_max_words,
+            style=style,
         )
         if settings is not None:
             store.apply_update(settings)
+        # Each run_tts call is one reply of the conversation, conditioned on the ones before: a
+        # token per call would make every token a reply. Pieces come from the aggregator below.
+        if kwargs.get("text_aggregation_mode") == TextAggregationMode.TOKEN or kwargs.get("aggregate_sentences") is False:
+            raise InputError('CSMTTSService speaks whole pieces of text, not tokens: choose split="clause" or "sentence"')
+        # The pieces of one LLM response are continuations of one turn: they must share the turn's
+        # context (one Started/Stopped pair, one timeline) for barge-in trimming and style tags.
+        if kwargs.get("reuse_context_id_within_turn") is False:
+            raise InputError("CSMTTSService needs reuse_context_id_within_turn=True (the pieces of a reply form one turn)")
+        self._voice_prompt = None if voice_prompt is None else VoicePrompt.of(voice_prompt)
+        if self._voice_prompt is not None and store.voice:
+            raise InputError("give the agent's voice either as voice= (a registered name) or as voice_prompt=, not both")
+        self._check_settings(store)
         kwargs.setdefault("stop_frame_timeout_s", 10.0)  # a CPU prefill can take seconds
         super().__init__(
             push_start_frame=True,
@@ -182,6 +349,11 @@ class CSMTTSService(TTSService):
             settings=store,
             **kwargs,
         )
+        self._split_config: tuple | None = None
+        self._configure_aggregator()
+        # The style tag of each LLM response, carried to all of its pieces. Keyed by the turn's
+        # context id: a TTSSpeakFrame spoken in the middle of a response has its own.
+        self._style_carries: dict[str, StyleTagCarry] = {}
         self._url, self._api_key, self._backend = url, api_key, backend
         self._owns_backend = backend is None and url is not None
         self._device, self._dtype = device, dtype
@@ -226,6 +398,11 @@ class CSMTTSService(TTSService):
                 return None
             raise
 
+    @property
+    def voice_prompt(self) -> VoicePrompt | None:
+        """The voice prompt given to the constructor (its registered name: `voice_prompt.name`)."""
+        return self._voice_prompt
+
     def can_generate_metrics(self) -> bool:
         return True
 
@@ -254,10 +431,14 @@ class CSMTTSService(TTSService):
             else:
                 backend = await backend.start() or backend
             self._backend = backend
-            voices = {self._settings.speaker: self._settings.voice} if self._settings.voice else None
-            self._conversation = backend.conversation(self._conversation_id, voices=voices)
+            self._conversation = await self._open_conversation(backend)
             logger.info(f"{self}: conversation {self._conversation_id} ready")
             return self._conversation
+        except _VoicePromptError as e:
+            logger.error(f"{self}: could not register the voice prompt: {e}")
+            self._stop_frame_timeout_s = 0.05  # as below: no turn waits for audio that cannot come
+            await self.push_error(f"CSM TTS could not register its voice prompt: {e}", exception=e.__cause__, force_treat_as_permanent=True)
+            return None
         except Exception as e:
             where = self._url or self._settings.model or "the default CSM model"
             logger.error(f"{self}: could not load CSM ({where}): {type(e).__name__}: {e}")
@@ -267,6 +448,29 @@ class CSMTTSService(TTSService):
             self._stop_frame_timeout_s = 0.05
             await self.push_error(f"CSM TTS could not load {where}: {e}", exception=e, force_treat_as_permanent=True)
             return None
+
+    async def _open_conversation(self, backend: Any):
+        speaker, prompt = self._settings.speaker, self._voice_prompt
+        if prompt is None:
+            voices = {speaker: self._settings.voice} if self._settings.voice else None
+            return backend.conversation(self._conversation_id, voices=voices)
+        if hasattr(backend, "add_voice"):
+            try:
+                name = await _register_voice(backend, prompt)
+            except Exception as e:
+                raise _VoicePromptError(f"{type(e).__name__}: {e}") from e
+            return backend.conversation(self._conversation_id, voices={speaker: name})  # pinned: never trimmed
+        # A backend that takes no voices from clients (a csm-plugin server only has the voices of
+        # its voices file): the prompt becomes the conversation's first turn. It conditions the
+        # replies the same way, but is not pinned: it leaves the context once newer turns fill it.
+        logger.info(f"{self}: {type(backend).__name__} registers no voices; the voice prompt is the conversation's first turn")
+        conv = backend.conversation(self._conversation_id)
+        if not conv.history:
+            try:
+                await conv.add_segment(speaker, prompt.text, audio=as_mono(prompt.audio), sample_rate=prompt.sample_rate)
+            except Exception as e:
+                raise _VoicePromptError(f"{type(e).__name__}: {e}") from e
+        return conv
 
     async def stop(self, frame):
         await super().stop(frame)
@@ -291,10 +495,44 @@ class CSMTTSService(TTSService):
 
     # --- settings -------------------------------------------------------------------------
 
+    @staticmethod
+    def _check_settings(s: Settings) -> None:
+        """InputError unless the splitting and speaking settings make a valid splitter and
+        SpeakOptions (checked when they are set, not at the next reply)."""
+        TextSplitter(s.split, min_words=s.clause_min_words, max_words=s.clause_max_words)
+        CSMTTSService._speak_options(s, s.seed)
+
+    @staticmethod
+    def _speak_options(s: Settings, seed: int | None) -> SpeakOptions:
+        return SpeakOptions.build(None, **{name: getattr(s, name) for name in SPEAK_FIELDS - {"seed"} if hasattr(s, name)}, seed=seed)
+
+    def _configure_aggregator(self) -> None:
+        """Use the text aggregator the split settings ask for. A new one replaces the current one
+        only while it holds no text, so that no LLM text is lost: else at the next LLM response."""
+        s = self._settings
+        config = (s.split, s.clause_min_words, s.clause_max_words)
+        if config == self._split_config or (self._split_config is not None and self._text_aggregator.text.text):
+            return
+        language = self._text_aggregator.language
+        if s.split == "clause":
+            self._text_aggregator = ClauseTextAggregator(min_words=s.clause_min_words, max_words=s.clause_max_words, language=language)
+        else:  # Pipecat's own sentence aggregator (abbreviation- and language-aware), as before clauses
+            self._text_aggregator = SimpleTextAggregator(aggregation_type=TextType.SENTENCE, language=language)
+        self._split_config = config
+
     async def _update_settings(self, delta: Settings) -> dict[str, Any]:
         changed = await super()._update_settings(delta)
+        try:
+            self._check_settings(self._settings)
+        except InputError as e:  # keep the settings that worked; say why the update was refused
+            for name, previous in changed.items():
+                setattr(self._settings, name, previous)
+            await self.push_error(f"CSM TTS settings update refused: {e}", exception=e)
+            return {}
         self._warn_unhandled_updated_settings(set(changed) & (_RELOAD_FIELDS | _NEW_CONVERSATION_FIELDS))
-        return changed  # sampling, speakers and limits apply from the next reply on
+        if set(changed) & _SPLIT_FIELDS:
+            self._configure_aggregator()
+        return changed  # sampling, speakers, style and limits apply from the next piece on
 
     # --- observing the conversation -------------------------------------------------------
 
@@ -316,6 +554,8 @@ class CSMTTSService(TTSService):
         elif isinstance(frame, BotStoppedSpeakingFrame):
             for playout in self._playouts.values():
                 playout.drained_ms = playout.pushed_ms
+        elif isinstance(frame, LLMFullResponseStartFrame) and not frame.skip_tts:
+            self._configure_aggregator()  # a split setting changed during the last response
 
         await super().process_frame(frame, direction)
 
@@ -383,20 +623,23 @@ class CSMTTSService(TTSService):
 
     @traced_tts
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        """Speak one piece of a turn (a clause, a sentence, or a TTSSpeakFrame's text) as a reply
+        of the conversation: conditioned on everything before it, the turn's earlier pieces
+        included, its audio continuing the turn's audio and word timeline."""
+        # The piece carries its response's style tag whether or not it is spoken, so that the
+        # next piece still knows the response's first one.
+        text = self._style_carries.setdefault(context_id, StyleTagCarry())(text)
         conv = None if self._closed else await self.wait_ready()
         if conv is None or self._closed:
             # Nothing will be spoken: the pipeline is ending (the conversation is closed and is
-            # not reopened), or the model failed to load (reported once). End the turn's audio
-            # context now instead of after stop_frame_timeout_s.
-            if self.audio_context_available(context_id):
-                await self.remove_audio_context(context_id)
+            # not reopened), or the model failed to load (reported once). The turn's audio
+            # context is closed when its text ends (on_turn_context_completed), at once.
             return
         if self._user_turn_task is not None:
             await asyncio.shield(self._user_turn_task)  # the user's turn is in the context first
         s = self._settings
         seed = None if s.seed is None else s.seed + self._replies
         self._replies += 1
-        options = SpeakOptions.build(None, **{name: getattr(s, name) for name in SPEAK_FIELDS - {"seed"} if hasattr(s, name)}, seed=seed)
         playout = self._playouts.setdefault(context_id, _Playout())
         utterance = _Utterance(offset_ms=sum(u.ms for u in playout.utterances))
         playout.utterances.append(utterance)
@@ -405,7 +648,7 @@ class CSMTTSService(TTSService):
         speech = None
         try:
             await self.start_tts_usage_metrics(text)
-            speech = self._speech = conv.speak(text, options)
+            speech = self._speech = conv.speak(text, self._speak_options(s, seed))
             async for chunk in speech:
                 await self.stop_ttfb_metrics()
                 utterance.ms = chunk.start_ms + chunk.duration_ms
@@ -452,6 +695,8 @@ class CSMTTSService(TTSService):
         """The base class has cancelled run_tts and dropped queued audio. Make the conversation
         keep what the listener heard: replies newest first, each trimmed to its played part."""
         await self._stop_speech()
+        # the interrupted responses are over (uninterruptible speech goes on, with its tag)
+        self._style_carries = {cid: c for cid, c in self._style_carries.items() if self.audio_context_available(cid)}
         conv = self._conversation
         now = _clock()
         for context_id, playout in list(self._playouts.items()):
@@ -467,9 +712,23 @@ class CSMTTSService(TTSService):
                     u.trimmed = True
             del self._playouts[context_id]
 
+    async def on_turn_context_completed(self):
+        # run_tts yields all of its audio itself (none arrives later from elsewhere), so the turn's
+        # audio context can be closed as soon as its text has been spoken. The base class decides
+        # that from the last run_tts call alone: a turn whose last piece produced no audio (a CSM
+        # error, a closed conversation) would hold its context, and every turn after it, until
+        # stop_frame_timeout_s (10 s) ran out.
+        self._is_yielding_frames_synchronously = True
+        self._style_carries.pop(self._turn_context_id, None)  # the response is over
+        await super().on_turn_context_completed()
+
     async def on_audio_context_completed(self, context_id: str):
         await super().on_audio_context_completed(context_id)
         # Keep the playout until it has played, so a late barge-in still trims this turn.
         for cid, playout in list(self._playouts.items()):
             if cid != context_id and playout.end < _clock():
                 del self._playouts[cid]
+
+
+class _VoicePromptError(Exception):
+    """The voice prompt could not be registered or added (its cause is the backend's error)."""
