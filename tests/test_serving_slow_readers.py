@@ -306,6 +306,8 @@ def test_a_suspended_reader_behind_past_the_limit_ends_with_slow_consumer(hf_che
             _, _, done = await asyncio.wait_for(other.reply(text="I am served.", seed=5, max_audio_ms=240), 30)
             assert done["reason"] == "completed"
             assert (await counts(state.service))["suspended"] == 1  # it gave its slot up and waits
+            metrics = await scrape(s, url)
+            assert metric_value(metrics, "csm_suspended_streams") == 1 and metric_value(metrics, "csm_stream_suspensions_total") >= 1
             await poll(lambda: state.active_streams == 0, timeout=30)  # then stayed behind past the limit
             stall(c, False)
             frames, done = await read_to_done(c)

@@ -70,6 +70,7 @@ class InferenceWorker:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, tuple[Stream, Callable]] = {}  # streams that hold a cache slot
         self._suspended: dict[int, _Out] = {}  # streams that gave their slot up (preempt.py)
+        self.suspensions = 0  # streams suspended so far (read by the server's metrics)
         self._paused_since: dict[int, float] = {}  # when each paused stream last stopped generating
         self._running: list[_Job] = []  # multi-step jobs in progress
         self._parked: list[_Job] = []  # waiting for a free cache slot
@@ -110,6 +111,11 @@ class InferenceWorker:
         """Worker-side only (call from a submitted job): on_frame gets each frame, then None at
         the end, or an exception."""
         self._streams[id(stream)] = (stream, on_frame)
+
+    @property
+    def suspended(self) -> int:
+        """Streams suspended now (thread-safe read)."""
+        return len(self._suspended)
 
     def stream_counts(self) -> dict[str, int]:
         """Worker-side only (call from a submitted job): streams by state. active and paused
@@ -284,6 +290,7 @@ class InferenceWorker:
             if self._deliver(stream, on_frame, EngineError(f"generation failed: {e}")):
                 self.engine.finish(stream, None, None)
             return False
+        self.suspensions += 1
         log.debug("suspended a stream %d frames ahead of its listener (slot %d)",
                   stream.produced - stream.consumed, self._suspended[key].suspended.slot)
         return True

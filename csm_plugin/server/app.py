@@ -41,6 +41,7 @@ class ServerState:
         self.metrics_runner: web.AppRunner | None = None
         self.metrics_port: int | None = None  # where /metrics is served when it has a port of its own
         self.metrics = Metrics()
+        self.metrics.watch_worker(lambda: self.service._worker)
         self.owns_service = service is None
         self.service = service or CSMService(
             config.model,

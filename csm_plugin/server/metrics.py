@@ -3,7 +3,10 @@ one process, as in the tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
 _FRAME_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.4, 0.8, 1.6)
@@ -39,5 +42,29 @@ class Metrics:
         self.errors = Counter("csm_errors", "errors answered to clients, by code", ["code"], registry=r)
         self.requests = Counter("csm_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
 
+    def watch_worker(self, worker: Callable[[], object | None]) -> None:
+        """Export the inference worker's preemption figures, read when /metrics is scraped."""
+        self.registry.register(_WorkerCollector(worker))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _WorkerCollector:
+    """Slow readers' streams that gave their cache slot to a waiting reply (engine/preempt.py)."""
+
+    def __init__(self, worker: Callable[[], object | None]):
+        self._worker = worker
+
+    def describe(self):
+        return []  # collected only when scraped: the worker may not exist yet
+
+    def collect(self):
+        worker = self._worker()
+        yield GaugeMetricFamily(
+            "csm_suspended_streams", "replies whose reader fell behind and that gave their cache slot to a waiting reply",
+            value=getattr(worker, "suspended", 0),
+        )
+        yield CounterMetricFamily(
+            "csm_stream_suspensions", "replies suspended for a waiting reply so far", value=getattr(worker, "suspensions", 0)
+        )
