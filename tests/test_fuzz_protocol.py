@@ -35,7 +35,7 @@ N_WS_TEXT, N_WS_BINARY, N_HTTP_BODY, N_HTTP_OTHER = 6_000, 1_000, 2_400, 600  # 
 # Codes a client mistake may get; never `internal` or `engine_error`.
 CLIENT_CODES = {
     "bad_message", "not_open", "text_too_long", "audio_too_long", "history_too_long", "context_too_long",
-    "invalid_input", "invalid_audio", "unknown_voice", "unknown_conversation", "busy", "message_too_big",
+    "invalid_input", "invalid_audio", "unknown_voice", "unknown_style", "unknown_conversation", "busy", "message_too_big",
 }
 TERMINAL = {"error", "ready", "added", "interrupted", "closed", "done"}
 

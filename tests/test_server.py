@@ -24,7 +24,7 @@ from test_server_support import AUTH, KEY, OTHER_KEY, Stream, metric_value, poll
 
 KNOWN_CODES = {
     "bad_message", "not_open", "text_too_long", "audio_too_long", "invalid_input", "invalid_audio",
-    "unknown_voice", "busy", "history_too_long", "context_too_long",
+    "unknown_voice", "unknown_style", "busy", "history_too_long", "context_too_long",
 }
 
 
@@ -432,8 +432,10 @@ def test_speech_with_voices_and_styles_from_a_voices_file(hf_checkpoint, tmp_pat
             await c.request(type="open")
             _, pcm, done = await c.reply(text="Sure, I can help.", seed=4, max_audio_ms=400, style="comforting")
             assert done["reason"] == "completed" and np.array_equal(np.frombuffer(b"".join(pcm), "<i2"), styled)
-            _, pcm, done = await c.reply(text="Hi.", style="grumpy")
-            assert pcm == [] and done["error"]["code"] == "unknown_style" and "unknown style 'grumpy'" in done["error"]["message"]
+            err = await c.request(type="speak", text="Hi.", style="grumpy")  # refused before it waits for a place
+            assert err["type"] == "error" and err["code"] == "unknown_style" and "unknown style 'grumpy'" in err["message"]
+            _, pcm, done = await c.reply(text="Sure, I can help.", seed=4, max_audio_ms=400, style="comforting")
+            assert done["reason"] == "completed"  # and the conversation goes on
 
     run(main())
 

@@ -42,7 +42,7 @@ from ..conversation.types import FRAME_MS, AudioChunk
 from ..errors import CSMError
 from .app import STATE, ServerState
 from .auth import Principal
-from .routes import authenticate, check_ready, check_text, error_response, reply_ms, segment_from_wire
+from .routes import authenticate, check_ready, check_style, check_text, error_response, reply_ms, segment_from_wire
 from .sessions import Session, add_turn, voice_segments
 
 log = logging.getLogger(__name__)
@@ -369,6 +369,7 @@ class Connection:
         if state.draining:
             raise ProtocolError(Code.DRAINING, "the server is shutting down; reconnect (another replica will take over)")
         check_text(state, message.text)
+        check_style(state, message.options.style)  # refused now, not after waiting for a place
         self.generating = self.queued = True
         self.interrupted = self._stopping = False
         self.pending_interrupt = self._stop_reason = self._behind_since = None
