@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csm_plugin.engine import Engine, Sampling, batch_bucket
+from csm_plugin.engine import Engine, FrameGenerator, Sampling
+from csm_plugin.errors import InputError
 from csm_plugin.prompt import Segment, build_prompt
 
 pytestmark = pytest.mark.slow  # compiles the frame steps with torch.compile (tens of seconds of C++ builds on CPU)
@@ -27,13 +28,14 @@ def hidden_states(engine: Engine, lengths: list | None = None) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def engines(hf_checkpoint):
-    compiled = Engine.load(hf_checkpoint, slots=3, compile=True)
-    compiled.generator.warm_up()  # batch buckets 1, 2 and 4 at the default top-k width (64)
+    # Two compiled batch sizes (fewer than the default powers of two: 1, 2, 4): 2 and 3 streams run padded to 4.
+    compiled = Engine.load(hf_checkpoint, slots=3, compile=True, compile_batches=(1, 4))
+    compiled.generator.warm_up()  # batch sizes 1 and 4 at the default top-k width (64)
     return Engine.load(hf_checkpoint, slots=3), compiled
 
 
 def test_compiled_engine_streams_equal_eager_solo_streams(engines):
-    """Three replies batched (4 -> 2 -> 1 rows as they end) equal each one alone, eager; the
+    """Three replies batched (3 -> 2 -> 1 streams as they end: rows 4, 4, 1) equal each one alone, eager; the
     warm-up compiled every graph they need."""
     from torch._dynamo.utils import counters
 
@@ -56,7 +58,7 @@ def test_compiled_engine_streams_equal_eager_solo_streams(engines):
 
 def test_compiled_frames_equal_eager_frames(engines):
     eager, compiled = engines
-    assert compiled.generator.compiled and batch_bucket(3) == 4  # the batch of 3 runs padded to 4
+    assert compiled.generator.compiled and [compiled.generator.bucket(b) for b in (1, 2, 3)] == [1, 4, 4]
     h = hidden_states(eager)
     for frame in range(3):
         args = (SEEDS, [frame] * 3, TEMPERATURES, TOP_K)
@@ -111,3 +113,11 @@ def test_cuda_graphs_match_eager_on_gpu(hf_checkpoint):
         want = [f.codes for f in eager.synthesize([], 0, "Hello there.", sampling)]
         got = [f.codes for f in compiled.synthesize([], 0, "Hello there.", sampling)]
         assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_compiled_batch_sizes_are_checked(hf_checkpoint):
+    model = Engine.load(hf_checkpoint).checkpoint.model
+    assert FrameGenerator(model, slots=5).batches == [1, 2, 4, 8]  # the default: powers of two
+    for bad in [(), (1, 2), (0, 8), (True, 8), (2.0, 8)]:
+        with pytest.raises(InputError, match="compiled batch sizes"):
+            FrameGenerator(model, slots=5, batches=bad)

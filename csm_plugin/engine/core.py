@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Generator, Hashable, Iterator
+from collections.abc import Generator, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,12 +71,15 @@ class Engine:
     conversations' context prefixes. Synchronous and single-threaded: the service's inference
     worker owns it; nothing here knows about asyncio."""
 
-    def __init__(self, checkpoint: LoadedCheckpoint, slots: int = 1, prefill_chunk: int = 256, compile: bool = False):
+    def __init__(
+        self, checkpoint: LoadedCheckpoint, slots: int = 1, prefill_chunk: int = 256, compile: bool = False,
+        compile_batches: Sequence[int] | None = None,
+    ):
         self.checkpoint = checkpoint
         self.prefill_chunk = prefill_chunk
         self.tokenizer = checkpoint.tokenizer
         self.codec = checkpoint.codec
-        self.generator = FrameGenerator(checkpoint.model, slots=slots, compile=compile)
+        self.generator = FrameGenerator(checkpoint.model, slots=slots, compile=compile, batches=compile_batches)
         self.codec_state = self.codec.decode_state(slots)  # Mimi decoder state: one row per cache slot
         self.slot_pool = SlotPool(slots)
         self.prefixes = PrefixStore()  # pinned voice prompts' rows, shared by new conversations
@@ -91,9 +94,10 @@ class Engine:
         slots: int = 1,
         quantize: str | None = None,
         compile: bool = False,
+        compile_batches: Sequence[int] | None = None,
     ) -> "Engine":
         checkpoint = load_checkpoint(model, device=device, dtype=parse_dtype(dtype), quantize=quantize)
-        return cls(checkpoint, slots=slots, compile=compile)
+        return cls(checkpoint, slots=slots, compile=compile, compile_batches=compile_batches)
 
     @property
     def max_positions(self) -> int:

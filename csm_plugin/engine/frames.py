@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -61,16 +61,24 @@ class FrameGenerator:
     (the service's inference worker).
     """
 
-    def __init__(self, model: CSM, slots: int = 1, compile: bool = False):
+    def __init__(self, model: CSM, slots: int = 1, compile: bool = False, batches: Sequence[int] | None = None):
+        """batches: the batch sizes compiled (each a graph, compiled at warm_up; a batch runs at
+        the smallest one that holds it). Default: the powers of two up to the slot count. Fewer
+        sizes compile sooner (one full-size graph set takes about a minute on a GPU) and pad more."""
         self.model = model
         self.cfg = model.cfg
         self.device = model.codebook0_head.weight.device
         if compile and model.quantized:
             raise InputError(f"compile does not work with {model.quantized} quantization (torch.compile cannot trace it); choose one")
         self.compiled = compile
+        if batches is None:
+            batches = {batch_bucket(b) for b in range(1, slots + 1)}
+        if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches) or max(batches) < slots:
+            raise InputError(f"compiled batch sizes must be ints >= 1, the largest at least the {slots} slots; got {batches!r}")
+        self.batches = sorted(set(batches))
         # Compiled batches are padded to a bucket; the padding rows write into a scratch slot.
         self._scratch_slot = slots
-        cache_slots, rows = (slots + 1, batch_bucket(slots)) if compile else (slots, slots)
+        cache_slots, rows = (slots + 1, self.batches[-1]) if compile else (slots, slots)
         if model.backbone_cache is None or model.backbone_cache.slots < cache_slots or model.decoder_cache.slots < rows:
             model.setup_caches(cache_slots, max_batch=rows)
         self._codebook_index = torch.arange(self.cfg.num_codebooks, device=self.device)
@@ -96,6 +104,10 @@ class FrameGenerator:
             self._first_codebooks = torch.compile(first_codebooks, dynamic=False, fullgraph=True, **how)
             self._next_codebook = torch.compile(next_codebook, dynamic=False, fullgraph=True, **how)
 
+    def bucket(self, batch: int) -> int:
+        """The compiled batch size that runs `batch` streams (padded up to it)."""
+        return next(b for b in self.batches if b >= batch)
+
     @property
     def max_positions(self) -> int:
         return self.cfg.backbone.max_seq_len
@@ -115,7 +127,7 @@ class FrameGenerator:
         when first used. The warm-up writes only into the scratch slot."""
         if not self.compiled:
             return
-        for batch in sorted({batch_bucket(b) for b in range(1, self._scratch_slot + 1)}):
+        for batch in self.batches:
             started = time.perf_counter()
             slots = torch.full((batch,), self._scratch_slot)
             for _ in range(3):  # CUDA graph trees warm up, then record, then replay
@@ -140,7 +152,7 @@ class FrameGenerator:
     def feed_frames(self, slots: torch.Tensor, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Append one generated frame per stream: codes [B, 32] at positions [B] -> hidden [B, dim]."""
         B = slots.shape[0]
-        pad = batch_bucket(B) - B if self.compiled else 0
+        pad = self.bucket(B) - B if self.compiled else 0
         if pad:
             slots = torch.cat([slots, torch.full((pad,), self._scratch_slot)])
             codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
@@ -155,7 +167,7 @@ class FrameGenerator:
         -> codes [B, 32]. A stream's codes depend on its own (seed, frame) only, not on its batch."""
         B = h.shape[0]
         k_cap = top_k_bucket(max(top_k), self.cfg.audio_vocab_size)
-        pad = batch_bucket(B) - B if self.compiled else 0
+        pad = self.bucket(B) - B if self.compiled else 0
         settings = torch.tensor(
             [[s % 2**32 for s in seeds] + [0] * pad, [f % 2**32 for f in frames] + [0] * pad, list(top_k) + [1] * pad]
         ).to(self.device)
