@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import bench_agent_turn
 from .engine import FRAME_MS, Engine, Sampling
 from .models.csm import csm_1b_config
 from .models.loading import (
@@ -348,8 +349,6 @@ def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, bas
         "styled_over_unstyled": ttfa["styled_reply"] / ttfa["unstyled_reply"],
     }
     if agent_turn:
-        from . import bench_agent_turn
-
         options = agent_turn if isinstance(agent_turn, dict) else {}
         result["agent_turn"] = bench_agent_turn.run(engine, **options)
         result["targets"]["llm_first_token_to_first_audio"] = bench_agent_turn.target_summary(result["agent_turn"])
@@ -366,31 +365,6 @@ def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, bas
     return result
 
 
-def add_agent_turn_arguments(p: argparse.ArgumentParser) -> None:
-    """The options this module adds to `csm-plugin bench` (the CLI's parser calls this)."""
-    p.add_argument("--voice-prompt-seconds", type=float, default=VOICE_PROMPT_SECONDS,
-                   help="length of the pinned voice prompt for the new-conversation figures")
-    p.add_argument("--agent-turn", action="store_true",
-                   help="also run a voice agent's turns through the Pipecat and LiveKit adapters (scripted STT and LLM)")
-    p.add_argument("--agent-turns", type=int, default=4, help="user turns per adapter with --agent-turn")
-    p.add_argument("--agent-split", choices=["clause", "sentence"], default="clause",
-                   help="split mode asked of the adapters (used where the installed adapter has the setting)")
-    p.add_argument("--agent-frameworks", default="pipecat,livekit", help="comma-separated: pipecat, livekit")
-    p.add_argument("--llm-first-token-ms", type=float, default=350.0, help="the LLM stand-in's time to its first token")
-    p.add_argument("--llm-tokens-per-s", type=float, default=40.0, help="the LLM stand-in's streaming rate")
-    p.add_argument("--agent-max-audio-ms", type=float, default=1200.0,
-                   help="cap on each spoken piece's audio (first audio does not depend on it)")
-
-
-def agent_turn_options(args) -> dict | bool:
-    if not getattr(args, "agent_turn", False):
-        return False
-    return {"turns": args.agent_turns, "split": args.agent_split,
-            "frameworks": tuple(f.strip() for f in args.agent_frameworks.split(",") if f.strip()),
-            "llm_first_token_ms": args.llm_first_token_ms, "tokens_per_s": args.llm_tokens_per_s,
-            "max_audio_ms": args.agent_max_audio_ms, "voice_prompt_seconds": args.voice_prompt_seconds}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """`python -m csm_plugin.bench`: the options of `csm-plugin bench` and the agent-turn ones."""
     p = argparse.ArgumentParser(prog="python -m csm_plugin.bench", description=__doc__.split("\n")[0])
@@ -404,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--json")
-    add_agent_turn_arguments(p)
+    bench_agent_turn.add_arguments(p)
     return p
 
 
@@ -414,8 +388,13 @@ def main(args) -> dict:
     configure_threads(args.threads)
     result = run(args.size, args.device, args.dtype, args.streams, args.frames, not args.no_baseline, args.quantize, args.compile,
                  voice_prompt_seconds=getattr(args, "voice_prompt_seconds", VOICE_PROMPT_SECONDS),
-                 agent_turn=agent_turn_options(args))
+                 agent_turn=bench_agent_turn.options_from_args(args))
+    from .cli import bench_table
+
     text = json.dumps(result, indent=2)
+    rows = bench_agent_turn.table_rows(result)
+    width = max(len(k) for k, _ in rows)
+    print(bench_table(result) + "\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)
     print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

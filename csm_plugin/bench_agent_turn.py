@@ -26,6 +26,7 @@ pins the agent's voice prompt), then `turns` user turns are timed:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -125,7 +126,69 @@ class Options:
     max_audio_ms: float | None = 1200.0  # per spoken piece; first audio does not depend on it
     voice_prompt_seconds: float = 10.0
     seed: int = 0
-    timeout_s: float = 600.0  # per turn
+    timeout_s: float = 300.0  # per turn
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options `csm-plugin bench` takes for these figures (no torch imported: the CLI's parser
+    calls this before anything loads)."""
+    p.add_argument("--voice-prompt-seconds", type=float, default=10.0,
+                   help="length of the pinned voice prompt for the new-conversation figures")
+    p.add_argument("--agent-turn", action="store_true",
+                   help="also run a voice agent's turns through the Pipecat and LiveKit adapters (scripted STT and LLM)")
+    p.add_argument("--agent-turns", type=int, default=4, help="user turns per adapter with --agent-turn")
+    p.add_argument("--agent-split", choices=["clause", "sentence"], default="clause",
+                   help="split mode asked of the adapters (where the installed adapter has the setting)")
+    p.add_argument("--agent-frameworks", default="pipecat,livekit", help="comma-separated: pipecat, livekit")
+    p.add_argument("--llm-first-token-ms", type=float, default=350.0, help="the LLM stand-in's time to its first token")
+    p.add_argument("--llm-tokens-per-s", type=float, default=40.0, help="the LLM stand-in's streaming rate")
+    p.add_argument("--agent-max-audio-ms", type=float, default=1200.0,
+                   help="cap on each spoken piece's audio (first audio does not depend on it)")
+
+
+def options_from_args(args) -> dict | bool:
+    """run()'s options from add_arguments' flags; False without --agent-turn."""
+    if not getattr(args, "agent_turn", False):
+        return False
+    return {"turns": args.agent_turns, "split": args.agent_split,
+            "frameworks": tuple(f.strip() for f in args.agent_frameworks.split(",") if f.strip()),
+            "llm_first_token_ms": args.llm_first_token_ms, "tokens_per_s": args.llm_tokens_per_s,
+            "max_audio_ms": args.agent_max_audio_ms, "voice_prompt_seconds": args.voice_prompt_seconds}
+
+
+def table_rows(result: dict) -> list[tuple[str, str]]:
+    """Rows for the bench's table (cli.bench_table) with the service and agent-turn figures."""
+
+    def ms(v) -> str:
+        return "-" if v is None else f"{v:,.1f} ms"
+
+    rows = []
+    ttfa = result.get("time_to_first_audio_ms", {})
+    if "new_conversation_voice" in ttfa:
+        s = result["settings"]
+        target = result["targets"]["new_conversation_voice_vs_warm"]
+        rows += [
+            ("first audio, new conversation + voice",
+             f"{ms(ttfa['new_conversation_voice'])} ({target['ratio']:.2f}x warm; target <= 1.3x: "
+             f"{'met' if target['met'] else 'not met'}); first-ever {ms(ttfa['new_conversation_voice_first'])} "
+             f"({s['voice_prompt_seconds']:g} s prompt)"),
+            ("first audio, styled / unstyled reply",
+             f"{ms(ttfa['styled_reply'])} / {ms(ttfa['unstyled_reply'])} (+{ms(ttfa['styled_reply_extra_ms'])})"),
+        ]
+    turn = result.get("agent_turn")
+    if turn:
+        rows.append(("agent turn: LLM first clause", f"{ms(turn['llm_first_clause_ms'])} (frame step {ms(turn['frame_step_ms'])})"))
+        for name in ("pipecat", "livekit"):
+            section = turn.get(name) or {}
+            if "target" not in section:
+                rows.append((f"agent turn, {name}", section.get("skipped", "-")))
+                continue
+            t = section["target"]
+            rows.append((f"agent turn, {name} ({t['split_mode']})",
+                         f"end of turn -> audio {ms(section['first_audio_ms'])}; LLM first token -> audio "
+                         f"{ms(section['llm_first_token_to_first_audio_ms'])} (target <= {ms(t['limit_ms'])}: "
+                         f"{'met' if t['met'] else 'not met'})"))
+    return rows
 
 
 def run(engine, **options) -> dict:
@@ -170,6 +233,9 @@ async def run_async(engine, **options) -> dict:
                     result[name] = await runner(service, script, opts, voice)
                 except ImportError as e:
                     result[name] = {"skipped": f"{name} is not installed ({e})"}
+                except Exception as e:  # noqa: BLE001 - one adapter failing leaves the other's figures
+                    log.exception("agent turn through %s failed", name)
+                    result[name] = {"error": f"{type(e).__name__}: {e}"}
     for name in opts.frameworks:
         section = result[name]
         if "turns" in section:
@@ -297,6 +363,20 @@ def _observed_mode(history: dict, script: list) -> str:
     return "+".join(sorted(set(modes))) or "none"
 
 
+async def _wait(done: asyncio.Event, failed: asyncio.Event, errors: list[str], timeout: float, what: str) -> None:
+    """Wait for `done`; a framework error (an ErrorFrame, a session error) ends the wait at once."""
+    waits = [asyncio.ensure_future(done.wait()), asyncio.ensure_future(failed.wait())]
+    try:
+        finished, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    if failed.is_set():
+        raise RuntimeError(f"{what}: {errors[0] if errors else 'the framework reported an error'}")
+    if not finished:
+        raise TimeoutError(f"{what}: nothing after {timeout:g} s")
+
+
 class _Clock:
     """Absolute schedule for paced sends: sleep until each due time, without drift."""
 
@@ -335,6 +415,7 @@ async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
     from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams
     from pipecat.frames.frames import (
         EndFrame,
+        ErrorFrame,
         Frame,
         InputAudioRawFrame,
         LLMContextFrame,
@@ -361,6 +442,8 @@ async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
     rate, chunk_s = 16_000, 0.02
     threshold = 0.02
     current: list[TurnTimes] = []  # the turn being timed (empty during the greeting)
+    errors: list[str] = []
+    failed = asyncio.Event()
 
     def rms(pcm: bytes) -> float:
         x = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768
@@ -388,6 +471,9 @@ async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
         async def process_frame(self, frame: Frame, direction: FrameDirection):
             await super().process_frame(frame, direction)
             await self.push_frame(frame, direction)
+            if isinstance(frame, ErrorFrame):  # upstream from any processor: it reaches the first one
+                errors.append(frame.error)
+                failed.set()
             if not isinstance(frame, InputAudioRawFrame):
                 return
             seconds = len(frame.audio) / 2 / frame.sample_rate
@@ -483,7 +569,7 @@ async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
         sink.stopped.clear()
         start = time.perf_counter()
         await worker.queue_frame(TTSSpeakFrame(GREETING))
-        await asyncio.wait_for(sink.stopped.wait(), opts.timeout_s)
+        await _wait(sink.stopped, failed, errors, opts.timeout_s, "pipecat greeting")
         greeting_ms = 1000 * (sink.greeting_first - start) if sink.greeting_first else None
         for i, (line, seconds, reply) in enumerate(script):
             times = TurnTimes(line, reply)
@@ -495,8 +581,8 @@ async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
             pcm = (np.clip(_voice(seconds, seed=20 + i, rate=rate), -1, 1) * 32767).astype(np.int16).tobytes()
             step = int(rate * chunk_s) * 2
             speech.extend(pcm[j : j + step] for j in range(0, len(pcm), step))
-            await asyncio.wait_for(spoken.wait(), opts.timeout_s)
-            await asyncio.wait_for(sink.stopped.wait(), opts.timeout_s)
+            await _wait(spoken, failed, errors, opts.timeout_s, f"pipecat turn {i + 1} (speaking)")
+            await _wait(sink.stopped, failed, errors, opts.timeout_s, f"pipecat turn {i + 1}")
             times.done = time.perf_counter()
             timed.append(times)
         current.clear()
@@ -531,6 +617,8 @@ async def _run_livekit(service, script: list, opts: Options, voice) -> dict:
 
     rate, chunk_s = 24_000, 0.05  # RoomIO's input defaults
     current: list[TurnTimes] = []
+    errors: list[str] = []
+    failed = asyncio.Event()
 
     class Microphone(io.AudioInput):
         """The session's audio input: 50 ms frames in real time; silence unless the user speaks."""
@@ -616,12 +704,33 @@ async def _run_livekit(service, script: list, opts: Options, voice) -> dict:
     session.input.audio = mic
     session.output.audio = out
     speech.attach(session)  # inside a LiveKit job the TTS finds its session itself
+
+    def on_error(ev) -> None:
+        errors.append(f"{type(ev.error).__name__}: {ev.error}")
+        if not getattr(ev.error, "recoverable", True):
+            failed.set()
+
+    def on_close(ev) -> None:
+        if getattr(ev, "error", None) is not None:
+            errors.insert(0, f"session closed: {ev.error}")
+        failed.set()
+
+    session.on("error", on_error)
+    session.on("close", on_close)
+
+    async def playout(handle, what: str) -> None:
+        done = asyncio.Event()
+        handle.add_done_callback(lambda _: done.set())
+        await _wait(done, failed, errors, opts.timeout_s, what)
+        if handle.exception() is not None:
+            raise RuntimeError(f"{what}: {handle.exception()}")
+
     timed: list[TurnTimes] = []
     greeting_ms = None
     await session.start(agent=Agent(instructions=AGENT_INSTRUCTIONS), record=False)
     try:
         start = time.perf_counter()
-        await asyncio.wait_for(session.say(GREETING).wait_for_playout(), opts.timeout_s)
+        await playout(session.say(GREETING), "livekit greeting")
         greeting_ms = 1000 * (out.first - start) if out.first else None
         for i, (line, seconds, reply) in enumerate(script):
             times = TurnTimes(line, reply)
@@ -632,7 +741,7 @@ async def _run_livekit(service, script: list, opts: Options, voice) -> dict:
             step = int(rate * chunk_s)
             started_at = time.time()
             mic.speech.extend(pcm[j : j + step] for j in range(0, len(pcm), step))
-            await asyncio.wait_for(mic.spoken.wait(), opts.timeout_s)
+            await _wait(mic.spoken, failed, errors, opts.timeout_s, f"livekit turn {i + 1} (speaking)")
             times.voice_end, stopped_at = time.perf_counter(), time.time()
             await asyncio.sleep(opts.stt_final_ms / 1000)  # the STT finalizes its transcript
             # The end of the user's turn, as the session's STT path commits it: the transcript
@@ -640,12 +749,12 @@ async def _run_livekit(service, script: list, opts: Options, voice) -> dict:
             message = llm.ChatMessage(role="user", content=[line],
                                       metrics={"started_speaking_at": started_at, "stopped_speaking_at": stopped_at})
             times.committed = time.perf_counter()
-            handle = session.generate_reply(user_input=message)
-            await asyncio.wait_for(handle.wait_for_playout(), opts.timeout_s)
+            await playout(session.generate_reply(user_input=message), f"livekit turn {i + 1}")
             times.done = time.perf_counter()
             timed.append(times)
         current.clear()
     finally:
+        session.off("close", on_close)
         await session.aclose()
         history = _history_summary(speech.conversation)
         await speech.aclose()

@@ -83,3 +83,25 @@ def test_unknown_framework_and_split_are_refused(engine):
         at.run(engine, split="word", frameworks=())
     with pytest.raises(ValueError, match="unknown framework"):
         at.run(engine, frameworks=("gstreamer",), turns=1)
+
+
+def test_an_adapter_that_fails_is_reported_not_waited_for(engine, monkeypatch):
+    """A failing adapter ends its section with the error at once (no wait for the turn timeout),
+    and the other adapter's figures still come."""
+    pytest.importorskip("pipecat")
+    pytest.importorskip("livekit.agents")
+    from csm_plugin import bench
+    from csm_plugin.errors import InputError
+
+    conversation = bench.EngineService.conversation
+
+    def refusing(self, conversation_id, **kwargs):
+        if conversation_id == "bench-livekit":
+            raise InputError("refused by the test")
+        return conversation(self, conversation_id, **kwargs)
+
+    monkeypatch.setattr(bench.EngineService, "conversation", refusing)
+    result = at.run(engine, **{**QUICK, "timeout_s": 120.0})
+    assert "refused by the test" in result["livekit"]["error"]
+    check_adapter_section(result["pipecat"], result)
+    assert set(at.target_summary(result)) == {"pipecat"}

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from csm_plugin import bench
+from csm_plugin import bench, bench_agent_turn
 from csm_plugin.cli import main
 from csm_plugin.engine import Engine, Sampling
 from csm_plugin.errors import CheckpointError, InputError
@@ -85,15 +85,12 @@ def test_bench_agent_turn_json(tmp_path):
         section = turn[name]
         assert section["first_audio_ms"] > 0 and len(section["first_audio_ms_by_turn"]) == 2
         assert section["llm_first_token_to_first_audio_ms"] > 0
-        assert section["history"]["user_texts"] == [line for line, _, _ in at_script()[:2]]
+        assert section["history"]["user_texts"] == [line for line, _, _ in bench_agent_turn.SCRIPT[:2]]
         assert section["history"]["user_turns_with_audio"] == 2
         assert result["targets"]["llm_first_token_to_first_audio"][name]["split_mode"] == section["split"]["mode_observed"]
-
-
-def at_script():
-    from csm_plugin.bench_agent_turn import SCRIPT
-
-    return SCRIPT
+    rows = dict(bench_agent_turn.table_rows(result))
+    assert "first audio, new conversation + voice" in rows and "agent turn: LLM first clause" in rows
+    assert any(k.startswith("agent turn, livekit") for k in rows) and any(k.startswith("agent turn, pipecat") for k in rows)
 
 
 @pytest.mark.slow  # loads the checkpoint twice and quantizes it
