@@ -93,6 +93,8 @@ class TurnTimes:
     done: float | None = None
     user_recorded_at_first_token: bool | None = None
     user_cached_at_first_token: bool | None = None
+    user_recorded: float | None = None  # the user's turn appeared in the conversation's history
+    user_cached: float | None = None  # ... and in its cache slot (the early prefill is done)
 
     def ms(self, a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else 1000 * (b - a)
@@ -111,6 +113,8 @@ class TurnTimes:
             "voice_end_to_first_audio_ms": self.ms(self.voice_end, self.first_audio),
             "user_turn_recorded_at_first_token": self.user_recorded_at_first_token,
             "user_turn_cached_at_first_token": self.user_cached_at_first_token,
+            "user_turn_recorded_ms": self.ms(self.committed, self.user_recorded),
+            "user_turn_cached_ms": self.ms(self.committed, self.user_cached),
         }
 
 
@@ -261,7 +265,7 @@ def _summarise(section: dict, frame_step_ms: float) -> None:
         return statistics.median(values) if values else None
 
     for key in ("first_audio_ms", "llm_first_token_to_first_audio_ms", "llm_first_clause_ms", "llm_first_sentence_ms",
-                "llm_first_token_ms", "voice_end_to_first_audio_ms"):
+                "llm_first_token_ms", "voice_end_to_first_audio_ms", "user_turn_recorded_ms", "user_turn_cached_ms"):
         section[key] = p50(key)
     section["first_audio_ms_by_turn"] = [t["first_audio_ms"] for t in turns]
     section["llm_first_token_to_first_audio_ms_by_turn"] = [t["llm_first_token_to_first_audio_ms"] for t in turns]
@@ -322,16 +326,32 @@ def _split_options(init: Callable, settings_cls: type | None, split: str) -> tup
     return {}, {}, None
 
 
+def _user_turn_state(service, conv, times: TurnTimes) -> tuple[bool, bool]:
+    """(recorded, cached): is the user's turn in the conversation, and in its cache slot?"""
+    if conv is None:
+        return False, False
+    turns = [t for t in conv.turns if t.origin == "user" and t.segment.text == times.user_text]
+    if not turns:
+        return False, False
+    return True, turns[-1].id in service.engine.cached_keys(conv.id)  # a snapshot, read off the worker thread
+
+
+async def _watch_user_turn(service, conv_of: Callable, times: TurnTimes) -> None:
+    """From the commit on: note when the user's turn is recorded, then cached (every 5 ms)."""
+    while times.user_cached is None:
+        recorded, cached = _user_turn_state(service, conv_of(), times)
+        now = time.perf_counter()
+        if recorded and times.user_recorded is None:
+            times.user_recorded = now
+        if cached:
+            times.user_cached = now
+            return
+        await asyncio.sleep(0.005)
+
+
 def _probe(service, conv_of: Callable, times: TurnTimes) -> None:
     """At the LLM's first token: is the user's turn in the conversation, and in its cache slot?"""
-    conv = conv_of()
-    if conv is None:
-        times.user_recorded_at_first_token = times.user_cached_at_first_token = False
-        return
-    turns = [t for t in conv.turns if t.origin == "user" and t.segment.text == times.user_text]
-    times.user_recorded_at_first_token = bool(turns)
-    cached = service.engine.cached_keys(conv.id) if turns else []  # a snapshot, read off the worker thread
-    times.user_cached_at_first_token = bool(turns) and turns[-1].id in cached
+    times.user_recorded_at_first_token, times.user_cached_at_first_token = _user_turn_state(service, conv_of(), times)
 
 
 def _history_summary(conv) -> dict:
@@ -444,6 +464,7 @@ async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
     current: list[TurnTimes] = []  # the turn being timed (empty during the greeting)
     errors: list[str] = []
     failed = asyncio.Event()
+    watchers: list[asyncio.Task] = []
 
     def rms(pcm: bytes) -> float:
         x = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768
@@ -497,6 +518,7 @@ async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
             await super().process_frame(frame, direction)
             if isinstance(frame, LLMContextUserTurnFrame) and direction == FrameDirection.DOWNSTREAM and current:
                 current[0].committed = time.perf_counter()  # the aggregator wrote the user's turn
+                watchers.append(asyncio.create_task(_watch_user_turn(service, lambda: tts.conversation, current[0])))
             if not isinstance(frame, LLMContextFrame) or getattr(frame, "speculation", False):
                 await self.push_frame(frame, direction)
                 return
@@ -587,6 +609,8 @@ async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
             timed.append(times)
         current.clear()
     finally:
+        for task in watchers:
+            task.cancel()
         mic.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await mic
@@ -619,6 +643,7 @@ async def _run_livekit(service, script: list, opts: Options, voice) -> dict:
     current: list[TurnTimes] = []
     errors: list[str] = []
     failed = asyncio.Event()
+    watchers: list[asyncio.Task] = []
 
     class Microphone(io.AudioInput):
         """The session's audio input: 50 ms frames in real time; silence unless the user speaks."""
@@ -749,11 +774,14 @@ async def _run_livekit(service, script: list, opts: Options, voice) -> dict:
             message = llm.ChatMessage(role="user", content=[line],
                                       metrics={"started_speaking_at": started_at, "stopped_speaking_at": stopped_at})
             times.committed = time.perf_counter()
+            watchers.append(asyncio.create_task(_watch_user_turn(service, lambda: speech.conversation, times)))
             await playout(session.generate_reply(user_input=message), f"livekit turn {i + 1}")
             times.done = time.perf_counter()
             timed.append(times)
         current.clear()
     finally:
+        for task in watchers:
+            task.cancel()
         session.off("close", on_close)
         await session.aclose()
         history = _history_summary(speech.conversation)
