@@ -20,6 +20,7 @@ pytest.importorskip("pipecat")
 from pipecat.frames.frames import (  # noqa: E402
     ErrorFrame,
     InputAudioRawFrame,
+    LLMAssistantPushAggregationFrame,
     LLMContextUserTurnFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
@@ -81,16 +82,39 @@ class _SlowLoad:
         pass
 
 
+class _RunTtsOutcomes(CSMTTSService):
+    """Notes how each run_tts call ended. A CancelledError that escapes run_tts while its task is
+    not being cancelled kills Pipecat's frame-processing task and hangs the pipeline; here it is
+    noted instead, so that the test can fail on it rather than hang."""
+
+    outcomes: list[tuple[str, bool]]
+
+    async def run_tts(self, text, context_id):
+        self.__dict__.setdefault("outcomes", [])
+        try:
+            async for frame in super().run_tts(text, context_id):
+                yield frame
+            self.outcomes.append(("returned", self._closed))
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # a real cancellation (an interruption): not ours to note
+            self.outcomes.append(("raised CancelledError", self._closed))
+
+
 @pytest.mark.asyncio
-@pytest.mark.slow
 async def test_end_frame_while_the_model_loads_ends_the_pipeline(hf_checkpoint):
-    """run_test ends with an EndFrame right after the LLM's text, while the model still loads:
-    stop() cancels the load, and run_tts must then return (it used to raise the load's
-    CancelledError and hang the pipeline); no conversation is left in the shared model."""
+    """The LLM's text is still in the aggregator when the EndFrame comes, while the model loads:
+    stop() cancels the load, then Pipecat flushes that text into run_tts. run_tts must return
+    (it used to raise the cancelled load's CancelledError, which hung the pipeline), wait_ready()
+    must say "no conversation" (None) rather than raise, and no conversation is left behind."""
     service = await shared_service(hf_checkpoint)
-    tts = CSMTTSService(backend=_SlowLoad(service, 2.0), settings=CSMTTSService.Settings(max_audio_ms=160))
-    frames = [LLMFullResponseStartFrame(), LLMTextFrame("Hello there."), LLMFullResponseEndFrame()]
-    await asyncio.wait_for(run_test(tts, frames_to_send=frames), 60)
+    tts = _RunTtsOutcomes(backend=_SlowLoad(service, 60.0), settings=CSMTTSService.Settings(max_audio_ms=160))
+    # No response end, and no clause boundary yet (nothing follows the "."): the text waits in
+    # the aggregator until the EndFrame flushes it.
+    frames = [LLMFullResponseStartFrame(), LLMTextFrame("Hello there.")]
+    await asyncio.wait_for(run_test(tts, frames_to_send=frames), 30)  # ends long before the load would
+    assert tts.outcomes == [("returned", True)]  # run_tts ran after stop(), and returned
+    assert await tts.wait_ready() is None
     await asyncio.sleep(0.2)
     assert tts._conversation_id not in service._conversations
 
@@ -140,20 +164,32 @@ class _FailingBackend:
 
 
 @pytest.mark.asyncio
-@pytest.mark.slow
 async def test_any_exception_in_run_tts_is_an_error_frame_and_the_pipeline_goes_on(hf_checkpoint):
     """The official services catch every exception in run_tts as an ErrorFrame (not only the
-    plugin's own errors), stop their TTFB metrics, and the next text is spoken."""
+    plugin's own errors) and stop their TTFB metrics; Pipecat's bookkeeping around run_tts then
+    goes on as after any piece. Had the exception escaped run_tts, Pipecat would have skipped the
+    rest of that frame's handling: the rest of the LLM text in it, and the end of the speak
+    frame's turn (the next TTSSpeakFrame's words would never be committed to the context)."""
     tts = CSMTTSService(backend=_FailingBackend(await shared_service(hf_checkpoint)),
-                        settings=CSMTTSService.Settings(max_audio_ms=160, seed=1))
-    down, up = await asyncio.wait_for(
-        run_test(tts, frames_to_send=[TTSSpeakFrame("Break this."), TTSSpeakFrame("Then speak.")]), 60
-    )
-    errors = [f for f in up if isinstance(f, ErrorFrame)]
-    # ours, once (Pipecat itself adds "context completed with no audio" for that turn)
-    assert sum("boom" in e.error for e in errors) == 1, [e.error for e in errors]
-    assert [s.text for s in tts.conversation.history] == ["Then speak."]
-    assert sum(isinstance(f, TTSAudioRawFrame) for f in down) == 2
+                        settings=CSMTTSService.Settings(max_audio_ms=160, seed=1), stop_frame_timeout_s=60)
+    frames = [
+        TTSSpeakFrame("Break this."),
+        TTSSpeakFrame("Then speak."),
+        # one LLM frame that completes two pieces (the space shows "on." ends a sentence)
+        LLMFullResponseStartFrame(), LLMTextFrame("Break here, then go on. "), LLMFullResponseEndFrame(),
+    ]
+    # A turn whose last piece produced no audio is closed at once, not after stop_frame_timeout_s.
+    down, up = await asyncio.wait_for(run_test(tts, frames_to_send=frames), 40)
+    # The piece after the failed one in the same LLM frame is spoken.
+    assert [s.text for s in tts.conversation.history] == ["Then speak.", "then go on."]
+    assert sum(isinstance(f, TTSAudioRawFrame) for f in down) == 4
+    # The speak frame after the failed one is a turn of its own: its words are committed to the
+    # assistant context once spoken (Pipecat's LLMAssistantPushAggregationFrame after its words).
+    spoken_at = max(i for i, f in enumerate(down) if isinstance(f, TTSTextFrame) and f.text == "speak.")
+    assert any(isinstance(f, LLMAssistantPushAggregationFrame) for f in down[spoken_at:])
+    # Each failure reported once, by this service (Pipecat adds "completed with no audio").
+    errors = [f.error for f in up if isinstance(f, ErrorFrame)]
+    assert [e for e in errors if "boom" in e] == ["CSM TTS error: boom"] * 2, errors
 
 
 @pytest.mark.asyncio
