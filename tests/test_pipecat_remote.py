@@ -90,3 +90,27 @@ async def test_remote_two_turns_at_phone_rate(hf_checkpoint, reference_engine): 
     frames_out = history[1].codes.shape[0] + history[3].codes.shape[0]
     assert {f.sample_rate for f in audio} == {8000} and sum(len(f.audio) for f in audio) == 2 * 640 * frames_out
     assert len([f for f in down if isinstance(f, (TTSStartedFrame, TTSStoppedFrame))]) == 4
+
+
+@pytest.mark.asyncio
+async def test_remote_clauses_and_a_voice_prompt(hf_checkpoint, reference_engine):  # noqa: F811
+    """Through a server: clauses are consecutive replies there too, and a voice prompt (a server
+    takes no voices from clients) becomes the conversation's first turn."""
+    from pipecat_csm import VoicePrompt
+
+    rate = 16_000
+    t = np.arange(rate) / rate
+    prompt = VoicePrompt("Thanks for calling, this is Maya.", (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), rate)
+    async with running_server(hf_checkpoint) as (url, _state):
+        tts = CSMTTSService(url=url, api_key=KEY, voice_prompt=prompt, settings=CSMTTSService.Settings(seed=20, max_audio_ms=320))
+        snapshot = HistoryAtStop(tts)
+        frames = [LLMFullResponseStartFrame(), LLMTextFrame("Of course, I can help."), LLMFullResponseEndFrame()]
+        down, up = await run_test(Pipeline([tts, snapshot]), frames_to_send=frames)
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    history = snapshot.history
+    assert [(s.speaker, s.text) for s in history] == [(0, prompt.text), (0, "Of course,"), (0, "I can help.")]
+    assert history[0].codes.shape == (13, 32)
+    assert np.array_equal(history[1].codes, fresh_codes(reference_engine, history[:1], "Of course,", seed=20, max_audio_ms=320))
+    assert np.array_equal(history[2].codes, fresh_codes(reference_engine, history[:2], "I can help.", seed=21, max_audio_ms=320))
+    names = [type(f).__name__ for f in down]
+    assert names.count("TTSStartedFrame") == names.count("TTSStoppedFrame") == 1
