@@ -363,6 +363,7 @@ def _history_summary(conv) -> dict:
     return {
         "user_turns": len(users),
         "user_turns_with_audio": sum(t.segment.codes is not None for t in users),
+        "user_audio_frames": [0 if t.segment.codes is None else int(t.segment.codes.shape[0]) for t in users],
         "agent_segments": len(agents),
         "agent_segments_with_audio": sum(t.segment.codes is not None for t in agents),
         "voice_pinned": any(t.pinned for t in turns),
