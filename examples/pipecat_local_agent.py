@@ -3,13 +3,15 @@
     python examples/pipecat_local_agent.py --say "Hi, my parcel never arrived." --say "It was blue."
     python examples/pipecat_local_agent.py                 # type lines; an empty line ends
     python examples/pipecat_local_agent.py --mic --speaker # microphone in, speaker out (pyaudio)
+    python examples/pipecat_local_agent.py --voice-wav maya.wav --voice-text "Thanks for calling, this is Maya."
 
 Text goes in as the user's transcript (or microphone audio, with a simple energy VAD and a
 scripted transcript standing in for an STT model); a scripted LLM stand-in answers (or
 `--llm openai` with OPENAI_API_KEY); CSM speaks with the conversation as context; the replies go
 to a WAV file (default agent.wav) or the speaker. `--model` picks the checkpoint ($CSM_MODEL,
 else sesame/csm-1b); `--test-checkpoint` makes a small random one, to try the plumbing in seconds
-(it speaks noise, not words).
+(it speaks noise, not words). `--voice-wav` and `--voice-text` give the agent's voice (a clip and
+its transcript); `--split sentence` speaks whole sentences instead of starting at the first clause.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ try:
     from pipecat.turns.user_turn_strategies import UserTurnStrategies
     from pipecat.workers.runner import WorkerRunner
 
-    from pipecat_csm import CSMTTSService
+    from pipecat_csm import CSMTTSService, VoicePrompt
 except ImportError as e:
     missing_dependency(e, "Pipecat", 'pip install "csm-plugin[pipecat]" (in a clone: pip install -e ".[pipecat]")')
 
@@ -189,6 +191,23 @@ async def typed_turns(worker: PipelineWorker, sink: WavSink, lines: list[str] | 
     await worker.queue_frame(EndFrame())
 
 
+def load_voice_prompt(path: str | None, text: str | None) -> VoicePrompt | None:
+    """The agent's voice from --voice-wav and --voice-text (both or neither); a one-line error
+    for a missing half, an unreadable file or a clip CSM cannot use."""
+    if path is None and text is None:
+        return None
+    if path is None or text is None:
+        fail("--voice-wav and --voice-text go together: a clip and its exact transcript")
+    from csm_plugin.audio import read_mono
+    from csm_plugin.errors import CSMError
+
+    try:
+        audio, rate = read_mono(path)
+        return VoicePrompt(text, audio, rate)
+    except (CSMError, OSError) as e:
+        fail(f"--voice-wav {path}: {e}")
+
+
 async def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--say", action="append", help="a user line (repeatable); default: read stdin")
@@ -201,11 +220,17 @@ async def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="cpu, cuda; auto: cuda when usable (default)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: $CSM_THREADS, else the CPUs available)")
     p.add_argument("--max-audio-ms", type=float, default=None, help="cap each reply's audio")
+    p.add_argument("--split", choices=["clause", "sentence"], default="clause",
+                   help="start speaking at the first clause (default) or at the first sentence")
+    p.add_argument("--voice-wav", help="the agent's voice: a short mono clip (any rate)")
+    p.add_argument("--voice-text", help="the exact transcript of --voice-wav")
     args = p.parse_args(argv)
+    voice_prompt = load_voice_prompt(args.voice_wav, args.voice_text)  # before the model loads: mistakes fail fast
 
     device = setup_runtime(args.device, args.threads)
     model = offline_checkpoint() if args.test_checkpoint else args.model
-    tts = CSMTTSService(device=device, settings=CSMTTSService.Settings(model=model, max_audio_ms=args.max_audio_ms))
+    tts = CSMTTSService(device=device, split=args.split, voice_prompt=voice_prompt,
+                        settings=CSMTTSService.Settings(model=model, max_audio_ms=args.max_audio_ms))
 
     context = LLMContext([{"role": "system", "content": SYSTEM}])
     transport = None
@@ -235,8 +260,11 @@ async def main(argv: list[str] | None = None) -> int:
         tasks.append(asyncio.create_task(typed_turns(worker, sink, args.say)))
     await asyncio.gather(*tasks)
 
-    for segment in tts.conversation.history if tts.conversation else []:
-        who = "agent" if segment.speaker == tts._settings.speaker else "user"
+    # The conversation as CSM heard it: the voice prompt, then each turn; a reply spoken clause by
+    # clause is one line per clause.
+    for turn in tts.conversation.turns if tts.conversation else []:
+        segment = turn.segment
+        who = "voice" if turn.pinned else "agent" if turn.origin == "agent" else "user"
         frames = 0 if segment.codes is None else segment.codes.shape[0]
         print(f"{who:>5}: {segment.text}  [{frames} audio frames]")
     if transport is None:

@@ -191,9 +191,9 @@ async def _register_voice(backend: Any, prompt: VoicePrompt) -> str:
 
 class ClauseTextAggregator(BaseTextAggregator):
     """A Pipecat text aggregator that cuts LLM text at clause boundaries, with csm_plugin's one
-    clause rule (`csm_plugin.conversation.clauses.TextSplitter`, shared with the LiveKit adapter and
-    the server): a clause ends at , ; : or a sentence end followed by whitespace once it has
-    `min_words` words, or after `max_words` words without punctuation.
+    clause rule (`csm_plugin.conversation.clauses.TextSplitter`): a clause ends at , ; : or a
+    sentence end followed by whitespace once it has `min_words` words, or after `max_words` words
+    without punctuation.
 
     The pieces are typed as sentences (`TextType.SENTENCE`), so `text_transforms` and
     `skip_text_types` written for Pipecat's sentence aggregation apply to them unchanged.
