@@ -80,13 +80,15 @@ class CSMTTSSettings(TTSSettings):
 
     Parameters:
         model: checkpoint path or hub id; None = $CSM_MODEL, else sesame/csm-1b (load time only).
-        voice: name of a voice prompt registered with the backend (`add_voice`), pinned as the
-            agent's speaker at the start of the conversation (new conversations only).
+        voice: name of a voice prompt registered with the backend (`add_voice`, or a server's
+            voices file), pinned as the agent's speaker at the start of the conversation (new
+            conversations only). To give the clip itself, use the constructor's `voice_prompt`.
         speaker: the agent's CSM speaker id.
         user_speaker: the user's CSM speaker id.
         temperature, top_k: sampling.
-        seed: base seed; the n-th reply of this service (from 0) uses seed + n. None = random.
-        max_audio_ms: cap on each reply's audio (None: the model's limit for the text).
+        seed: base seed; the n-th piece this service speaks (from 0) uses seed + n (each clause or
+            sentence is a reply of its own). None = random.
+        max_audio_ms: cap on each piece's audio (None: the model's limit for the text).
         context_budget: positions a conversation's context may use (an engine option, load time
             only; None = the model's 2048).
         max_user_audio_s: user turns with more audio than this are recorded as text only.
