@@ -17,6 +17,7 @@ started service. Torch-free: only numpy and soundfile are imported.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,11 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from .audio import as_mono
 from .conversation.types import FRAME_MS, check_name, check_speaker, check_text
-from .errors import InputError
+from .errors import AudioError, InputError
 
 __all__ = ["MAX_CLIP_SECONDS", "MAX_RATE", "MIN_RATE", "ExemplarEntry", "Prompts", "StyleEntry", "VoiceEntry",
-           "VoicesFileError", "from_mapping", "load", "load_many", "read_clip", "register"]
+           "VoicePrompt", "VoicesFileError", "from_mapping", "load", "load_many", "read_clip", "register"]
 
 MIN_RATE, MAX_RATE = 8_000, 192_000  # the service's input rates (csm_plugin.service)
 MAX_CLIP_SECONDS = 30.0  # a prompt is conditioning, not content: 3-10 s is the sweet spot (docs/voices.md)
@@ -41,6 +43,50 @@ _EXEMPLAR_KEYS = {"speaker", "text", "audio"}
 class VoicesFileError(InputError):
     """A voices or styles file that cannot be used; the message names the file, the entry and
     the problem."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing audio arrays element-wise means nothing here
+class VoicePrompt:
+    """A voice given directly (not from a file): a reference clip and its exact transcript. Both
+    adapters take it (`CSMTTSService(voice_prompt=...)`, `csm.TTS(voice=...)`) and register it on
+    their backend once, under `name`, derived from its content: the same clip and transcript give
+    the same name in every pipeline and process, so a shared backend holds it once (and shares
+    its prefilled cache rows across conversations).
+
+    audio: mono samples (numpy array or list; int16 PCM, or float in [-1, 1]); sample_rate: Hz.
+    """
+
+    text: str
+    audio: Any
+    sample_rate: int
+
+    def __post_init__(self):
+        check_text(self.text)
+        if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, (int, np.integer)) or self.sample_rate <= 0:
+            raise AudioError(f"voice prompt sample_rate must be a positive int, got {self.sample_rate!r}")
+        try:
+            wav = as_mono(self.audio)
+        except (TypeError, ValueError) as e:  # AudioError is a ValueError; a list of strings is a plain one
+            raise e if isinstance(e, AudioError) else AudioError(f"voice prompt audio must be an array of samples: {e}") from None
+        if len(wav) < self.sample_rate * FRAME_MS // 1000:
+            raise AudioError(f"voice prompt audio is shorter than one {FRAME_MS} ms frame")
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(check_text(self.text).encode("utf-8"))
+        digest.update(int(self.sample_rate).to_bytes(8, "little"))
+        digest.update(as_mono(self.audio).tobytes())  # as float32 samples, whatever dtype they came in
+        return f"voice-prompt-{digest.hexdigest()[:16]}"
+
+    @classmethod
+    def of(cls, value: VoicePrompt | tuple) -> VoicePrompt:
+        """A VoicePrompt, or one from a (text, audio, sample_rate) tuple."""
+        if isinstance(value, VoicePrompt):
+            return value
+        if isinstance(value, tuple) and len(value) == 3:
+            return cls(*value)
+        raise InputError(f"a voice prompt must be a VoicePrompt or a (text, audio, sample_rate) tuple, got {type(value).__name__}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -64,7 +64,8 @@ def test_import_loads_no_weights_and_starts_no_threads():
         t = csm.TTS(model="sesame/csm-1b", device="cpu")  # constructing loads nothing either
         assert sorted(os.listdir("/proc/self/task")) == before, "native threads were started"
         assert threading.active_count() == 1, threading.enumerate()
-        light = {"csm_plugin", "csm_plugin.errors"}  # and csm_plugin.conversation: the torch-free core
+        # and csm_plugin.conversation: the torch-free core; voices (VoicePrompt) and audio: numpy, soxr
+        light = {"csm_plugin", "csm_plugin.errors", "csm_plugin.voices", "csm_plugin.audio"}
         heavy = [m for m in sys.modules if m == "torch" or (
             m.startswith("csm_plugin") and m not in light and not m.startswith("csm_plugin.conversation"))]
         assert not heavy, heavy

@@ -181,7 +181,7 @@ async def test_a_voice_prompt_is_registered_once_under_a_name_from_its_content()
     other = csm.TTS(backend=backend, voice=csm.VoicePrompt("Hi, I am Max.", tone(), SR), follow_session=False)
     louder = csm.TTS(backend=backend, voice=csm.VoicePrompt(prompt.text, 2 * tone(), SR), follow_session=False)
     name = first.voice_name
-    assert check_name(name) and name.startswith("lk-voice-")
+    assert check_name(name) and name == prompt.name and name.startswith("voice-prompt-")
     assert second.voice_name == name and len({name, other.voice_name, louder.voice_name}) == 3
 
     for speech in (first, first, second):

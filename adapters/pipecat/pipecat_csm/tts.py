@@ -21,7 +21,6 @@ TTSStoppedFrame pair, one timeline of word timestamps). `split="sentence"` speak
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import uuid
 import weakref
@@ -62,8 +61,8 @@ from csm_plugin.audio import as_mono
 from csm_plugin.conversation.clauses import SplitMode, TextSplitter
 from csm_plugin.conversation.options import FIELDS as SPEAK_FIELDS, SpeakOptions
 from csm_plugin.conversation.styles import StyleTagCarry
-from csm_plugin.conversation.types import check_text
-from csm_plugin.errors import AudioError, InputError
+from csm_plugin.errors import InputError
+from csm_plugin.voices import VoicePrompt
 
 MODEL_RATE = 24_000  # CSM / Mimi output rate
 FRAME_MS = 80  # one CSM frame
@@ -118,51 +117,6 @@ class CSMTTSSettings(TTSSettings):
 _RELOAD_FIELDS = {"model", "context_budget"}  # need a new engine
 _NEW_CONVERSATION_FIELDS = {"voice"}  # pinned when the conversation is created
 _SPLIT_FIELDS = {"split", "clause_min_words", "clause_max_words"}  # the text aggregator
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: comparing the audio arrays element-wise means nothing here
-class VoicePrompt:
-    """The agent's voice given directly: a reference clip and its exact transcript. The service
-    registers it on its backend once (`add_voice`) under a name derived from its content, and pins
-    it as the agent's speaker at the start of the conversation: CSM continues in the voice of its
-    context, so this fixes who the agent sounds like for the whole call.
-
-    audio: mono samples (numpy array or list; int16 PCM, or float in [-1, 1]); sample_rate: Hz.
-    """
-
-    text: str
-    audio: Any
-    sample_rate: int
-
-    def __post_init__(self):
-        check_text(self.text)
-        if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, (int, np.integer)) or self.sample_rate <= 0:
-            raise AudioError(f"voice prompt sample_rate must be a positive int, got {self.sample_rate!r}")
-        try:
-            wav = as_mono(self.audio)
-        except (TypeError, ValueError) as e:  # AudioError is a ValueError; a list of strings is a plain one
-            raise e if isinstance(e, AudioError) else AudioError(f"voice prompt audio must be an array of samples: {e}") from None
-        if len(wav) < self.sample_rate * FRAME_MS // 1000:
-            raise AudioError(f"voice prompt audio is shorter than one {FRAME_MS} ms frame")
-
-    @property
-    def name(self) -> str:
-        """The name it is registered under: the same clip and transcript give the same name in every
-        pipeline and process, so a backend shared by many pipelines holds it once."""
-        digest = hashlib.sha256()
-        digest.update(check_text(self.text).encode("utf-8"))
-        digest.update(int(self.sample_rate).to_bytes(8, "little"))
-        digest.update(as_mono(self.audio).tobytes())  # as float32 samples, whatever dtype they came in
-        return f"voice-prompt-{digest.hexdigest()[:16]}"
-
-    @classmethod
-    def of(cls, value: VoicePrompt | tuple) -> VoicePrompt:
-        """A VoicePrompt, or one from a (text, audio, sample_rate) tuple."""
-        if isinstance(value, VoicePrompt):
-            return value
-        if isinstance(value, tuple) and len(value) == 3:
-            return cls(*value)
-        raise InputError(f"voice_prompt must be a VoicePrompt or a (text, audio, sample_rate) tuple, got {type(value).__name__}")
 
 
 # Voice prompts registered by this adapter, per backend: the backend encodes a prompt once however

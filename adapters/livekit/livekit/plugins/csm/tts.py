@@ -26,7 +26,6 @@ first use or in `prewarm()`, once per process (the process-wide `shared_service`
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib
 import math
 import os
@@ -963,14 +962,5 @@ def _voice(voice: VoicePrompt | str | None) -> tuple[VoicePrompt | None, str | N
     if isinstance(voice, str):
         return None, check_name(voice, "voice")  # InputError (a ValueError) for a bad name
     if isinstance(voice, VoicePrompt):
-        return voice, _voice_name(voice)
+        return voice, voice.name
     raise TypeError(f"voice must be a csm.VoicePrompt or the name of a registered voice, got {type(voice).__name__}")
-
-
-def _voice_name(prompt: VoicePrompt) -> str:
-    """A stable name for a prompt's content: the same clip and transcript give the same name in
-    every process, so the backend keeps one voice (and one prefilled cache prefix) for it."""
-    audio = np.ascontiguousarray(np.asarray(prompt.audio))
-    digest = hashlib.sha256(repr((prompt.text, int(prompt.sample_rate), str(audio.dtype), audio.shape)).encode())
-    digest.update(audio.tobytes())
-    return f"lk-voice-{digest.hexdigest()[:16]}"
