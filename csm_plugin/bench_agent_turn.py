@@ -93,6 +93,8 @@ class TurnTimes:
     done: float | None = None
     user_recorded_at_first_token: bool | None = None
     user_cached_at_first_token: bool | None = None
+    speak_called: float | None = None  # the adapter asked the service for the reply's first piece
+    speak_first_chunk: float | None = None  # ... and the service handed it its first audio chunk
     user_recorded: float | None = None  # the user's turn appeared in the conversation's history
     user_cached: float | None = None  # ... and in its cache slot (the early prefill is done)
 
@@ -113,6 +115,12 @@ class TurnTimes:
             "voice_end_to_first_audio_ms": self.ms(self.voice_end, self.first_audio),
             "user_turn_recorded_at_first_token": self.user_recorded_at_first_token,
             "user_turn_cached_at_first_token": self.user_cached_at_first_token,
+            # where the time after the first clause goes: the adapter's text handling, the service
+            # (prefill of the piece's text rows, after any early prefill still running, and one
+            # frame), then the framework's delivery to its output
+            "clause_to_speak_ms": self.ms(at(clause), self.speak_called),
+            "service_first_chunk_ms": self.ms(self.speak_called, self.speak_first_chunk),
+            "chunk_to_output_ms": self.ms(self.speak_first_chunk, self.first_audio),
             "user_turn_recorded_ms": self.ms(self.committed, self.user_recorded),
             "user_turn_cached_ms": self.ms(self.committed, self.user_cached),
         }
@@ -130,6 +138,7 @@ class Options:
     max_audio_ms: float | None = 1200.0  # per spoken piece; first audio does not depend on it
     voice_prompt_seconds: float = 10.0
     seed: int = 0
+    livekit_text_transforms: bool = True  # the session's default tts_text_transforms (False: none)
     timeout_s: float = 300.0  # per turn
 
 
@@ -148,6 +157,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-tokens-per-s", type=float, default=40.0, help="the LLM stand-in's streaming rate")
     p.add_argument("--agent-max-audio-ms", type=float, default=1200.0,
                    help="cap on each spoken piece's audio (first audio does not depend on it)")
+    p.add_argument("--livekit-no-text-transforms", action="store_true",
+                   help="AgentSession(tts_text_transforms=None): without LiveKit's markdown/emoji filters, which hold "
+                        "back the end of the streamed text until the next token")
 
 
 def options_from_args(args) -> dict | bool:
@@ -157,7 +169,8 @@ def options_from_args(args) -> dict | bool:
     return {"turns": args.agent_turns, "split": args.agent_split,
             "frameworks": tuple(f.strip() for f in args.agent_frameworks.split(",") if f.strip()),
             "llm_first_token_ms": args.llm_first_token_ms, "tokens_per_s": args.llm_tokens_per_s,
-            "max_audio_ms": args.agent_max_audio_ms, "voice_prompt_seconds": args.voice_prompt_seconds}
+            "max_audio_ms": args.agent_max_audio_ms, "voice_prompt_seconds": args.voice_prompt_seconds,
+            "livekit_text_transforms": not getattr(args, "livekit_no_text_transforms", False)}
 
 
 def table_rows(result: dict) -> list[tuple[str, str]]:
@@ -217,6 +230,7 @@ async def run_async(engine, **options) -> dict:
             "llm_tokens_per_s": opts.tokens_per_s, "stt_final_ms": opts.stt_final_ms,
             "pipecat_user_speech_timeout_s": opts.user_speech_timeout_s, "max_audio_ms_per_piece": opts.max_audio_ms,
             "voice_prompt_seconds": opts.voice_prompt_seconds, "user_audio_seconds": [s for _, s, _ in script],
+            "livekit_tts_text_transforms": "session default" if opts.livekit_text_transforms else "none",
         },
     }
     step = 1000 / opts.tokens_per_s
@@ -226,7 +240,16 @@ async def run_async(engine, **options) -> dict:
     result["llm_first_clause_ms_by_turn"] = clause_nominal
     result["llm_first_sentence_ms"] = statistics.median(sentence_nominal)
 
-    async with EngineService(engine) as service:
+    class TimedService(EngineService):
+        """The bench's service, noting when each reply is asked for and when its first chunk comes
+        (a pass-through around the conversations the adapters get)."""
+
+        speaks: list[dict] = []
+
+        def conversation(self, conversation_id, **kwargs):
+            return _TimedConversation(super().conversation(conversation_id, **kwargs), self.speaks)
+
+    async with TimedService(engine) as service:
         result["frame_step_ms"] = await _frame_step_ms(service)
         await service.add_voice(VOICE_NAME, text=VOICE_TEXT, audio=voice_like(opts.voice_prompt_seconds, seed=3), sample_rate=24_000)
         voice = (VOICE_TEXT, voice_like(opts.voice_prompt_seconds, seed=3), 24_000)
@@ -265,7 +288,8 @@ def _summarise(section: dict, frame_step_ms: float) -> None:
         return statistics.median(values) if values else None
 
     for key in ("first_audio_ms", "llm_first_token_to_first_audio_ms", "llm_first_clause_ms", "llm_first_sentence_ms",
-                "llm_first_token_ms", "voice_end_to_first_audio_ms", "user_turn_recorded_ms", "user_turn_cached_ms"):
+                "llm_first_token_ms", "voice_end_to_first_audio_ms", "user_turn_recorded_ms", "user_turn_cached_ms",
+                "clause_to_speak_ms", "service_first_chunk_ms", "chunk_to_output_ms"):
         section[key] = p50(key)
     section["first_audio_ms_by_turn"] = [t["first_audio_ms"] for t in turns]
     section["llm_first_token_to_first_audio_ms_by_turn"] = [t["llm_first_token_to_first_audio_ms"] for t in turns]
@@ -324,6 +348,39 @@ def _split_options(init: Callable, settings_cls: type | None, split: str) -> tup
     if settings_cls is not None and dataclasses.is_dataclass(settings_cls) and "split" in {f.name for f in dataclasses.fields(settings_cls)}:
         return {}, {"split": split}, "settings"
     return {}, {}, None
+
+
+class _TimedConversation:
+    """A conversation as the adapters see it, with its replies' timing noted in `speaks`."""
+
+    def __init__(self, conv, speaks: list[dict]):
+        self._conv, self._speaks = conv, speaks
+
+    def __getattr__(self, name):
+        return getattr(self._conv, name)
+
+    def speak(self, text: str, options=None, **changes):
+        entry = {"conversation": self._conv.id, "text": text, "called": time.perf_counter(), "first": None}
+        self._speaks.append(entry)
+        return _timed_reply(self._conv.speak(text, options, **changes), entry)
+
+
+async def _timed_reply(reply, entry: dict):
+    try:
+        async for chunk in reply:
+            if entry["first"] is None:
+                entry["first"] = time.perf_counter()
+            yield chunk
+    finally:
+        await reply.aclose()
+
+
+def _note_first_speak(service, conversation_id: str, times: TurnTimes) -> None:
+    """The turn's first reply piece as the adapter asked the service for it (after the commit)."""
+    for entry in service.speaks:
+        if entry["conversation"] == conversation_id and times.committed is not None and entry["called"] >= times.committed:
+            times.speak_called, times.speak_first_chunk = entry["called"], entry["first"]
+            return
 
 
 def _user_turn_state(service, conv, times: TurnTimes) -> tuple[bool, bool]:
@@ -607,6 +664,7 @@ async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
             await _wait(spoken, failed, errors, opts.timeout_s, f"pipecat turn {i + 1} (speaking)")
             await _wait(sink.stopped, failed, errors, opts.timeout_s, f"pipecat turn {i + 1}")
             times.done = time.perf_counter()
+            _note_first_speak(service, "bench-pipecat", times)
             timed.append(times)
         current.clear()
     finally:
@@ -725,7 +783,10 @@ async def _run_livekit(service, script: list, opts: Options, voice) -> dict:
                      voice=csm.VoicePrompt(text, audio, audio_rate), **kwargs)
     scripted = ScriptedLLM()
     turns = {"turn_detection": None, "interruption": {"resume_false_interruption": False}}
-    session = AgentSession(llm=scripted, tts=speech, vad=None, turn_handling=turns)
+    # LiveKit's default tts_text_transforms (markdown and emoji filters) hold back the end of the
+    # text until the next token; livekit_text_transforms=False measures without them.
+    extra = {} if opts.livekit_text_transforms else {"tts_text_transforms": None}
+    session = AgentSession(llm=scripted, tts=speech, vad=None, turn_handling=turns, **extra)
     mic, out = Microphone(), Output()
     session.input.audio = mic
     session.output.audio = out
@@ -778,6 +839,7 @@ async def _run_livekit(service, script: list, opts: Options, voice) -> dict:
             watchers.append(asyncio.create_task(_watch_user_turn(service, lambda: speech.conversation, times)))
             await playout(session.generate_reply(user_input=message), f"livekit turn {i + 1}")
             times.done = time.perf_counter()
+            _note_first_speak(service, "bench-livekit", times)
             timed.append(times)
         current.clear()
     finally:

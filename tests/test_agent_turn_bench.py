@@ -61,6 +61,13 @@ def check_adapter_section(section: dict, result: dict) -> None:
     piece = "llm_first_clause_ms" if section["split"]["mode_observed"] == "clause" else "llm_first_sentence_ms"
     assert turn["llm_first_token_to_first_audio_ms"] >= turn[piece]
     assert turn["voice_end_to_first_audio_ms"] > turn["first_audio_ms"]
+    # The time after the clause, split where it goes: the adapter asked the service for the clause
+    # after its last token, the service answered, the framework delivered it (the parts add up).
+    if section["split"]["mode_observed"] == "clause":
+        parts = [turn[k] for k in ("clause_to_speak_ms", "service_first_chunk_ms", "chunk_to_output_ms")]
+        assert all(p >= 0 for p in parts) and parts[1] > 0
+        assert sum(parts) == pytest.approx(turn["llm_first_token_to_first_audio_ms"] - turn["llm_first_clause_ms"], abs=1e-6)
+    assert turn["user_turn_cached_ms"] >= turn["user_turn_recorded_ms"] > 0
     assert section["greeting_first_audio_ms"] > 0
     target = section["target"]
     assert target["limit_ms"] == pytest.approx(turn["llm_first_clause_ms"] + 2 * result["frame_step_ms"])
