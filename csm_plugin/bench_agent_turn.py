@@ -196,9 +196,11 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
     if turn:
         rows.append(("agent turn: LLM first clause", f"{ms(turn['llm_first_clause_ms'])} (frame step {ms(turn['frame_step_ms'])})"))
         for name in ("pipecat", "livekit"):
-            section = turn.get(name) or {}
+            section = turn.get(name)
+            if section is None:
+                continue  # not asked for
             if "target" not in section:
-                rows.append((f"agent turn, {name}", section.get("skipped", "-")))
+                rows.append((f"agent turn, {name}", section.get("skipped") or section.get("error", "-")))
                 continue
             t = section["target"]
             rows.append((f"agent turn, {name} ({t['split_mode']})",
