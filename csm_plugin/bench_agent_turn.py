@@ -227,6 +227,7 @@ async def run_async(engine, **options) -> dict:
         raise ValueError(f"unknown framework {unknown[0]!r} (pipecat, livekit)")
     script = [SCRIPT[i % len(SCRIPT)] for i in range(opts.turns)]
     result: dict = {
+        "versions": _framework_versions(opts.frameworks),
         "settings": {
             "turns": opts.turns, "split_requested": opts.split, "llm_first_token_ms": opts.llm_first_token_ms,
             "llm_tokens_per_s": opts.tokens_per_s, "stt_final_ms": opts.stt_final_ms,
@@ -270,6 +271,19 @@ async def run_async(engine, **options) -> dict:
         if "turns" in section:
             _summarise(section, result["frame_step_ms"])
     return result
+
+
+def _framework_versions(frameworks) -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name, dist in (("pipecat", "pipecat-ai"), ("livekit", "livekit-agents")):
+        if name in frameworks:
+            try:
+                out[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                out[dist] = None
+    return out
 
 
 def target_summary(agent_turn: dict) -> dict:

@@ -79,6 +79,7 @@ def test_agent_turn_runs_through_the_real_adapter(engine, framework):
     pytest.importorskip("pipecat" if framework == "pipecat" else "livekit.agents")
     result = at.run(engine, frameworks=(framework,), **QUICK)
     assert result["settings"]["turns"] == 1 and result["settings"]["llm_tokens_per_s"] == 40.0
+    assert list(result["versions"]) == ["pipecat-ai" if framework == "pipecat" else "livekit-agents"]
     assert result["llm_first_clause_ms"] == 25.0 * at.first_piece_token(at.llm_tokens(at.SCRIPT[0][2]))
     assert result["frame_step_ms"] > 0
     check_adapter_section(result[framework], result)
