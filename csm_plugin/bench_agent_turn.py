@@ -104,7 +104,7 @@ class TurnTimes:
     def summary(self) -> dict:
         tokens = llm_tokens(self.reply)
         clause, sentence = first_piece_token(tokens, "clause"), first_piece_token(tokens, "sentence")
-        at = lambda i: self.tokens[i] if i < len(self.tokens) else (self.tokens[-1] if self.tokens else None)  # noqa: E731
+        at = lambda i: self.tokens[i] if i < len(self.tokens) else (self.tokens[-1] if self.tokens else None)
         first = self.tokens[0] if self.tokens else None
         return {
             "first_audio_ms": self.ms(self.committed, self.first_audio),
@@ -186,9 +186,9 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
         target = result["targets"]["new_conversation_voice_vs_warm"]
         rows += [
             ("first audio, new conversation + voice",
-             f"{ms(ttfa['new_conversation_voice'])} ({target['ratio']:.2f}x warm; target <= 1.3x: "
-             f"{'met' if target['met'] else 'not met'}); first-ever {ms(ttfa['new_conversation_voice_first'])} "
-             f"({s['voice_prompt_seconds']:g} s prompt)"),
+             (f"{ms(ttfa['new_conversation_voice'])} ({target['ratio']:.2f}x warm; target <= 1.3x: "
+              f"{'met' if target['met'] else 'not met'}); first-ever {ms(ttfa['new_conversation_voice_first'])} "
+              f"({s['voice_prompt_seconds']:g} s prompt)")),
             ("first audio, styled / unstyled reply",
              f"{ms(ttfa['styled_reply'])} / {ms(ttfa['unstyled_reply'])} (+{ms(ttfa['styled_reply_extra_ms'])})"),
         ]
@@ -204,9 +204,9 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
                 continue
             t = section["target"]
             rows.append((f"agent turn, {name} ({t['split_mode']})",
-                         f"end of turn -> audio {ms(section['first_audio_ms'])}; LLM first token -> audio "
-                         f"{ms(section['llm_first_token_to_first_audio_ms'])} (target <= {ms(t['limit_ms'])}: "
-                         f"{'met' if t['met'] else 'not met'})"))
+                         (f"end of turn -> audio {ms(section['first_audio_ms'])}; LLM first token -> audio "
+                          f"{ms(section['llm_first_token_to_first_audio_ms'])} (target <= {ms(t['limit_ms'])}: "
+                          f"{'met' if t['met'] else 'not met'})")))
     return rows
 
 
@@ -247,7 +247,9 @@ async def run_async(engine, **options) -> dict:
         """The bench's service, noting when each reply is asked for and when its first chunk comes
         (a pass-through around the conversations the adapters get)."""
 
-        speaks: list[dict] = []
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.speaks: list[dict] = []
 
         def conversation(self, conversation_id, **kwargs):
             return _TimedConversation(super().conversation(conversation_id, **kwargs), self.speaks)
