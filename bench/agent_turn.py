@@ -10,12 +10,10 @@ that command works here; see --help.
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from csm_plugin import bench
+from csm_plugin.cli import main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = sys.argv[1:]
-    bench.main(bench.build_parser().parse_args(argv if "--agent-turn" in argv else ["--agent-turn", *argv]))
+    sys.exit(main(["bench", *(argv if "--agent-turn" in argv else ["--agent-turn", *argv])]))

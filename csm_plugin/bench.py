@@ -15,9 +15,7 @@ Besides the engine figures, the same engine is measured through the conversation
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 
 from . import bench_agent_turn
-from .engine import FRAME_MS, Engine, Sampling
+from .engine import FRAME_MS, Engine, InferenceWorker, Sampling
 from .models.csm import csm_1b_config
 from .models.loading import (
     LoadedCheckpoint,
@@ -195,16 +193,32 @@ def voice_like(seconds: float, seed: int = 0, rate: int = 24_000) -> np.ndarray:
 
 
 class EngineService(CSMService):
-    """A CSMService over an engine that already exists (the bench's random weights, built in
-    memory): the service path and both adapters (`backend=`) run on the very engine the engine
-    figures come from. The engine is the service's inference thread's until the service closes."""
+    """A CSMService on the bench's inference worker (its engine has the bench's random weights,
+    built in memory): the service path and both adapters (`backend=`) run on the very engine,
+    and on the very thread, that the engine figures come from. One thread runs every use of a
+    compiled engine: CUDA-graph trees recorded on one thread fail when replayed from another.
+    The worker outlives the service (closing the service leaves it running)."""
 
-    def __init__(self, engine: Engine, **options):
+    def __init__(self, worker: Engine | InferenceWorker, **options):
+        if isinstance(worker, Engine):  # an engine nobody else runs: a worker of its own
+            engine, worker = worker, None
+            worker = InferenceWorker(lambda: engine, name="csm-bench")
+            self._owns_worker = True
+        else:
+            self._owns_worker = False
+        engine = worker.ready.result()
         super().__init__("<bench: random weights in memory>", max_cached_conversations=len(engine.slots), **options)
-        self._bench_engine = engine
+        self._bench_worker = worker
 
-    def _load_engine(self) -> Engine:
-        return self._bench_engine  # built and warmed up by the bench
+    async def start(self) -> CSMService:
+        self._worker = self._bench_worker
+        await asyncio.wrap_future(self._worker.ready)
+        return self
+
+    async def close(self) -> None:
+        if not self._owns_worker:
+            self._worker = None  # the bench's worker goes on (its owner stops it)
+        await super().close()
 
 
 async def _idle(service) -> None:
@@ -237,8 +251,8 @@ async def first_audio_ms(conv, text: str = REPLY_TEXT, **options) -> float:
         await reply.aclose()
 
 
-async def service_first_audio(engine: Engine, context: list[Segment], voice_prompt_seconds: float = VOICE_PROMPT_SECONDS,
-                              samples: int = 3) -> dict:
+async def service_first_audio(worker: Engine | InferenceWorker, context: list[Segment],
+                              voice_prompt_seconds: float = VOICE_PROMPT_SECONDS, samples: int = 3) -> dict:
     """First audio through the conversation service (asyncio, the inference thread, chunking):
     a warm conversation (its 30 s context cached); the same conversation with a styled reply
     and an unstyled one, alternated; the first reply of a new conversation whose pinned voice
@@ -249,7 +263,8 @@ async def service_first_audio(engine: Engine, context: list[Segment], voice_prom
 
     rate = 24_000
     out: dict = {}
-    async with EngineService(engine) as service:
+    async with EngineService(worker) as service:
+        engine = service.engine
         warm = service.conversation("bench-warm")
         for segment in context:
             await warm.add_segment(segment.speaker, segment.text, codes=segment.codes)
@@ -291,48 +306,84 @@ async def service_first_audio(engine: Engine, context: list[Segment], voice_prom
 
 
 def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, baseline=True, quantize=None, compile=False,
-        voice_prompt_seconds: float = VOICE_PROMPT_SECONDS, agent_turn: bool | dict = False) -> dict:
+        voice_prompt_seconds: float = VOICE_PROMPT_SECONDS, agent_turn: bool | dict = False,
+        compile_batches: list[int] | None = None) -> dict:
     """The whole bench as one JSON-able dict. agent_turn: True (or a dict of
     csm_plugin.bench_agent_turn.run options) also runs a voice agent's turns through the
-    framework adapters (`agent_turn` in the result)."""
-    from . import __version__
+    framework adapters (`agent_turn` in the result). compile_batches: the batch sizes compiled
+    (default: powers of two up to the streams); fewer compile sooner."""
     from .engine import parse_dtype
 
     dt = parse_dtype(dtype)
     frames = frames or (30 if size == "tiny" else 6)
     checkpoint, weights, mimi_cfg = build(size, device, dt, quantize)
-    engine = Engine(checkpoint, slots=max(2, streams), compile=compile)
-    started = time.perf_counter()
-    engine.generator.warm_up()
-    compile_s = time.perf_counter() - started
+    compile_s = 0.0
+
+    def load() -> Engine:  # on the worker's thread, like every other use of the engine below
+        nonlocal compile_s
+        engine = Engine(checkpoint, slots=max(2, streams), compile=compile, compile_batches=compile_batches)
+        started = time.perf_counter()
+        engine.generator.warm_up()
+        compile_s = time.perf_counter() - started
+        return engine
+
+    worker = InferenceWorker(load, name="csm-bench")
+    try:
+        result = _run_on(worker, checkpoint, size, device, dtype, quantize, compile, frames, streams, voice_prompt_seconds, agent_turn)
+    finally:
+        worker.stop()
+    result["settings"]["compile_s"] = round(compile_s, 1) if compile else None
+    result["settings"]["compile_batches"] = worker.engine.generator.batches if compile else None
+    if baseline:
+        import transformers
+
+        context = conversation(CONTEXT_SECONDS)
+        result["versions"]["transformers"] = transformers.__version__
+        base = transformers_baseline(checkpoint, weights, mimi_cfg, context, frames)
+        result["baseline_transformers_generate"] = base
+        result["ratios"] = {
+            "frame_time_speedup": base["frame_ms"] / (result["per_frame"]["backbone_ms"] + result["per_frame"]["depth_ms"]),
+            "first_audio_speedup_warm": 1000 * base["time_to_first_frame_s"] / result["time_to_first_audio_ms"]["warm_conversation"],
+        }
+    return result
+
+
+def _run_on(worker: InferenceWorker, checkpoint, size, device, dtype, quantize, compile, frames, streams,
+            voice_prompt_seconds, agent_turn) -> dict:
+    """The engine, service and agent-turn figures, every use of the engine on `worker`'s thread."""
+    def on_worker(fn, *args):
+        return worker.submit(fn, *args).result()
+
+    from . import __version__
+
     context = conversation(CONTEXT_SECONDS)
     keyed = [(i, s) for i, s in enumerate(context)]
     sampling = Sampling(seed=0, max_audio_ms=60_000)
 
-    engine.prefill_context("warm", keyed)  # the conversation so far is cached, as in a live call
-    time_to_first_audio(engine, "warm", keyed, sampling)  # warm-up
-    warm = statistics.median(time_to_first_audio(engine, "warm", keyed, sampling) for _ in range(3))
+    on_worker(Engine.prefill_context, "warm", keyed)  # the conversation so far is cached, as in a live call
+    on_worker(time_to_first_audio, "warm", keyed, sampling)  # warm-up
+    warm = statistics.median(on_worker(time_to_first_audio, "warm", keyed, sampling) for _ in range(3))
     cold = []
     for i in range(2):
-        engine.release("cold")
-        cold.append(time_to_first_audio(engine, "cold", keyed, sampling))
-    engine.release("cold")
+        on_worker(Engine.release, "cold")
+        cold.append(on_worker(time_to_first_audio, "cold", keyed, sampling))
+    on_worker(Engine.release, "cold")
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None},
         "versions": {"csm_plugin": __version__, "torch": torch.__version__},
         "settings": {"size": size, "device": device, "dtype": dtype, "quantize": quantize, "compile": compile,
-                     "compile_s": round(compile_s, 1) if compile else None, "context_seconds": CONTEXT_SECONDS,
+                     "context_seconds": CONTEXT_SECONDS,
                      "context_rows": int(build_prompt(checkpoint.tokenizer, context, 1, REPLY_TEXT)[0].shape[0])},
         "time_to_first_audio_ms": {"warm_conversation": 1000 * warm, "full_reprefill": 1000 * min(cold)},
-        "per_frame": per_frame_split(engine, keyed, sampling, frames),
-        "concurrency": concurrent_streams(engine, keyed, streams, frames=max(5, frames)),
+        "per_frame": on_worker(per_frame_split, keyed, sampling, frames),
+        "concurrency": on_worker(concurrent_streams, keyed, streams, max(5, frames)),
     }
     result["time_to_first_audio_ms"]["prefix_cache_speedup"] = result["time_to_first_audio_ms"]["full_reprefill"] / result["time_to_first_audio_ms"]["warm_conversation"]
     result["settings"]["voice_prompt_seconds"] = voice_prompt_seconds
     result["settings"]["style_exemplar_seconds"] = [seconds for _, _, seconds in STYLE_EXEMPLARS]
-    served = asyncio.run(service_first_audio(engine, context, voice_prompt_seconds))
+    served = asyncio.run(service_first_audio(worker, context, voice_prompt_seconds))
     ttfa = result["time_to_first_audio_ms"]
     ttfa.update({k: served[k] for k in ("warm_conversation_service", "new_conversation_voice", "new_conversation_voice_first",
                                          "unstyled_reply", "styled_reply", "styled_reply_extra_ms")})
@@ -350,60 +401,14 @@ def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, bas
     }
     if agent_turn:
         options = agent_turn if isinstance(agent_turn, dict) else {}
-        result["agent_turn"] = bench_agent_turn.run(engine, **options)
+        result["agent_turn"] = bench_agent_turn.run(worker, **options)
         result["targets"]["llm_first_token_to_first_audio"] = bench_agent_turn.target_summary(result["agent_turn"])
-    if baseline:
-        import transformers
-
-        result["versions"]["transformers"] = transformers.__version__
-        base = transformers_baseline(checkpoint, weights, mimi_cfg, context, frames)
-        result["baseline_transformers_generate"] = base
-        result["ratios"] = {
-            "frame_time_speedup": base["frame_ms"] / (result["per_frame"]["backbone_ms"] + result["per_frame"]["depth_ms"]),
-            "first_audio_speedup_warm": 1000 * base["time_to_first_frame_s"] / result["time_to_first_audio_ms"]["warm_conversation"],
-        }
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """`python -m csm_plugin.bench`: the options of `csm-plugin bench` and the agent-turn ones."""
-    p = argparse.ArgumentParser(prog="python -m csm_plugin.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--size", choices=["tiny", "full"], default="tiny")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--quantize", choices=["int8"])
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--streams", type=int, default=64)
-    p.add_argument("--frames", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--no-baseline", action="store_true")
-    p.add_argument("--json")
-    bench_agent_turn.add_arguments(p)
-    return p
+if __name__ == "__main__":  # `python -m csm_plugin.bench ...` is `csm-plugin bench ...`
+    import sys
 
+    from .cli import main
 
-def main(args) -> dict:
-    from .threads import configure_threads
-
-    configure_threads(args.threads)
-    result = run(args.size, args.device, args.dtype, args.streams, args.frames, not args.no_baseline, args.quantize, args.compile,
-                 voice_prompt_seconds=getattr(args, "voice_prompt_seconds", VOICE_PROMPT_SECONDS),
-                 agent_turn=bench_agent_turn.options_from_args(args))
-    from .cli import bench_table
-
-    text = json.dumps(result, indent=2)
-    rows = bench_agent_turn.table_rows(result)
-    width = max(len(k) for k, _ in rows)
-    print(bench_table(result) + "\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    return result
-
-
-if __name__ == "__main__":
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    main(build_parser().parse_args())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -334,7 +334,11 @@ def cmd_bench(args) -> None:
              args.streams, "" if args.no_baseline else " and transformers' generate on the same weights")
     from . import bench
 
-    result = bench.run(args.size, args.device, args.dtype, args.streams, args.frames, not args.no_baseline, args.quantize, args.compile)
+    from . import bench_agent_turn
+
+    result = bench.run(args.size, args.device, args.dtype, args.streams, args.frames, not args.no_baseline, args.quantize,
+                       args.compile, voice_prompt_seconds=args.voice_prompt_seconds,
+                       agent_turn=bench_agent_turn.options_from_args(args), compile_batches=args.compile_batches)
     text = json.dumps(result, indent=2)
     print(bench_table(result), flush=True)
     print(text, flush=True)
@@ -370,6 +374,10 @@ def bench_table(result: dict) -> str:
             ("transformers: first frame", f"{ms(1000 * base['time_to_first_frame_s'])} "
                                           f"({ratios['first_audio_speedup_warm']:.1f}x our warm first audio)"),
         ]
+    if "service" in result:  # the service and agent-turn figures
+        from . import bench_agent_turn
+
+        rows += bench_agent_turn.table_rows(result)
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -447,6 +455,16 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     _add_runtime_args(p)
 
 
+def _batch_sizes(value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes are comma-separated ints, got {value!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be ints >= 1, got {value!r}")
+    return sizes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="csm-plugin", description="Context-aware streaming speech with Sesame CSM-1B", formatter_class=_HelpFormatter,
@@ -495,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
     p.add_argument("--no-baseline", action="store_true", help="skip transformers' generate (needs the dev extra)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--compile-batches", type=_batch_sizes, metavar="N,N,...",
+                   help="with --compile: the batch sizes compiled (default: powers of two up to --streams); fewer compile sooner")
+    from . import bench_agent_turn  # torch-free: its options only
+
+    bench_agent_turn.add_arguments(p)
 
     p = add("make-test-checkpoint", "write a small random checkpoint for tests and offline demos (its audio is noise)",
             cmd_make_test_checkpoint)
