@@ -17,6 +17,7 @@ TARGETS = {
     "real_time_factor": "real-time factor, one stream",
     "realtime_streams": "streams that stay real time",
     "speedup_vs_transformers": "throughput vs transformers generate",
+    "new_conversation_voice_vs_warm": "new conversation + voice / warm",
 }
 
 
@@ -34,16 +35,21 @@ def test_gpu_check_dry_run_writes_every_file_and_target(tmp_path):
     steps = {line.split("\t")[0]: line.split("\t")[1] for line in (out / "steps.tsv").read_text().splitlines()}
     assert steps == dict.fromkeys(["env", "wheels", "cuda-tests", "bench-compiled", "bench-eager", "summary"], "ok")
     assert "torch" in json.loads((out / "env.json").read_text())
-    assert "tests=" in (out / "pytest-cuda.xml").read_text()  # the CUDA tests were collected (and skipped)
+    xmls = sorted(out.glob("pytest-cuda-*.xml"))  # one pytest process per file with CUDA tests
+    assert len(xmls) >= 2 and all("tests=" in x.read_text() for x in xmls)  # collected (and skipped)
 
     for name, compiled in (("bench-compiled", True), ("bench-eager", False)):
         result = json.loads((out / f"{name}.json").read_text())
         assert result["settings"]["size"] == "tiny" and result["settings"]["compile"] is compiled
         assert result["per_frame"]["real_time_factor"] > 0
-    assert "baseline_transformers_generate" in json.loads((out / "bench-compiled.json").read_text())
+    compiled = json.loads((out / "bench-compiled.json").read_text())
+    assert "baseline_transformers_generate" in compiled and compiled["settings"]["compile_batches"] == [1, 2]
+    for adapter in ("pipecat", "livekit"):  # the agent turn ran through both adapters
+        assert compiled["agent_turn"][adapter]["first_audio_ms"] > 0
 
     summary = (out / "summary.txt").read_text()
     assert "DRY RUN" in summary and "MISSING" not in summary
+    assert "agent turn, pipecat" in summary and "agent turn, livekit" in summary
     for what in TARGETS.values():
         assert what in summary
     targets = json.loads((out / "summary.json").read_text())["targets"]
