@@ -234,3 +234,21 @@ async def test_a_voice_by_name_uses_the_one_registered_on_the_backend(hf_checkpo
         csm.TTS(backend=service, voice="not a name!")
     with pytest.raises(TypeError, match="VoicePrompt"):
         csm.TTS(backend=service, voice=3)
+
+
+def test_prewarm_with_a_given_backend_opens_nothing_else():
+    """LiveKit's AgentSession calls `tts.prewarm()` when it starts: a TTS given a backend uses
+    that one and starts no load of the default model (which would try to download it)."""
+    import asyncio
+
+    async def main():
+        backend = FakeBackend()
+        speech = csm.TTS(backend=backend, follow_session=False)
+        speech.prewarm()
+        assert speech._backend_task is None  # no model load started in the background
+        async for _ in speech.synthesize("Hello there.", conn_options=APIConnectOptions(max_retry=0)):
+            pass
+        await speech.aclose()
+        return backend.spoken
+
+    assert [text for text, _ in asyncio.run(main())] == ["Hello there."]

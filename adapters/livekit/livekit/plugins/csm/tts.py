@@ -290,7 +290,8 @@ class TTS(tts.TTS):
                 self._backend = asyncio.run(self._open_backend())
             return
         self._auto_attach()
-        self._backend_future()
+        if self._backend is None:  # a backend given to the constructor is ready as it is
+            self._backend_future()
 
     async def aclose(self) -> None:
         self._detach()
