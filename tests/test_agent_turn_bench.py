@@ -13,6 +13,8 @@ from csm_plugin import bench_agent_turn as at
 from csm_plugin.conversation.clauses import split_text
 from csm_plugin.engine import Engine
 
+pytestmark = pytest.mark.slow  # a bench: real-time pipelines through both frameworks
+
 # Short stand-in delays and pieces: the plumbing is what is tested here.
 QUICK = dict(turns=1, llm_first_token_ms=100.0, stt_final_ms=100.0, user_speech_timeout_s=0.2, max_audio_ms=400.0,
              voice_prompt_seconds=1.5)

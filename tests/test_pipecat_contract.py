@@ -119,6 +119,7 @@ async def test_end_frame_while_the_model_loads_ends_the_pipeline(hf_checkpoint):
     assert tts._conversation_id not in service._conversations
 
 
+@pytest.mark.slow  # waits out the pipeline's stop
 @pytest.mark.asyncio
 async def test_text_after_stop_neither_speaks_nor_reopens_the_conversation(hf_checkpoint):
     """After stop() (EndFrame) nothing more is spoken: the closed conversation is not reopened

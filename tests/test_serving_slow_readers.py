@@ -114,6 +114,7 @@ async def stalled_reply(conv, seed: int, max_audio_ms: int = 1600):
     return reply, first
 
 
+@pytest.mark.slow  # eight replies paused, then run to their end
 def test_a_waiting_reply_gets_its_first_audio_while_eight_slow_streams_are_paused(hf_checkpoint, reference_engine):
     async def main():
         async with CSMService(hf_checkpoint, max_cached_conversations=8) as service:
