@@ -212,7 +212,8 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
 
 def run(engine, **options) -> dict:
     """Time `turns` agent turns through each framework's adapter on `engine` (an Engine nobody
-    else uses meanwhile). Returns the `agent_turn` section of the bench's JSON."""
+    else uses meanwhile, or the bench's InferenceWorker that runs one). Returns the `agent_turn`
+    section of the bench's JSON."""
     return asyncio.run(run_async(engine, **options))
 
 
