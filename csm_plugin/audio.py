@@ -58,13 +58,13 @@ def read_mono(path: str | Path) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     if not Path(path).is_file():
-        raise AudioError(f"audio file {path} does not exist" if not Path(path).exists() else f"{path} is not a file")
+        raise AudioError(f"file {path} does not exist" if not Path(path).exists() else f"{path} is not a file")
     try:
         wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # noqa: BLE001 - soundfile raises several types for unreadable input
-        raise AudioError(f"cannot read audio file {path}: {e}") from e
+        raise AudioError(f"cannot read {path} as audio: {e}") from None
     if wav.shape[1] != 1:
-        raise AudioError(f"{path} has {wav.shape[1]} channels; only mono audio is supported")
+        raise AudioError(f"{path} has {wav.shape[1]} channels; only mono audio is supported (mix it down to one channel)")
     return as_mono(wav[:, 0]), int(sr)
 
 

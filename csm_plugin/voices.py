@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .audio import as_mono
+from .audio import as_mono, read_mono
 from .conversation.types import FRAME_MS, check_name, check_speaker, check_text
 from .errors import AudioError, InputError
 
@@ -330,20 +330,12 @@ def _clip(where: str, base: Path, audio: Any) -> tuple[Path, np.ndarray, int]:
 def read_clip(path: str | Path) -> tuple[np.ndarray, int]:
     """A prompt's audio file as (mono float32 samples, sample rate), checked as the service
     will check it (rate, length, finite samples); InputError otherwise."""
-    import soundfile as sf
-
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"file {path} does not exist")
-    if not path.is_file():
-        raise InputError(f"{path} is not a file")
     try:
-        wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # noqa: BLE001 - soundfile raises several types for unreadable input
-        raise InputError(f"cannot read {path} as audio: {e}") from None
-    if wav.shape[1] != 1:
-        raise InputError(f"{path} has {wav.shape[1]} channels; a prompt must be mono (mix it down to one channel)")
-    wav = np.ascontiguousarray(wav[:, 0])
+        wav, rate = read_mono(path)
+    except AudioError as e:
+        raise InputError(str(e)) from None
+    wav = np.array(wav, dtype=np.float32)  # a copy of our own: it is made read-only below
     if not MIN_RATE <= rate <= MAX_RATE:
         raise InputError(f"{path} is at {rate} Hz; the sample rate must be {MIN_RATE}..{MAX_RATE} Hz")
     seconds = len(wav) / rate
