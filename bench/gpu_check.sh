@@ -400,6 +400,11 @@ for name, data in runs.items():
         lines.append(f"  agent turn, {adapter} ({t.get('split_mode')}): user end of turn -> audio {fmt(section.get('first_audio_ms'), 'ms')}; "
                      f"LLM first token -> audio {fmt(section.get('llm_first_token_to_first_audio_ms'), 'ms')} "
                      f"(target: first clause + 2 frame steps = {fmt(t.get('limit_ms'), 'ms')}: {'met' if t.get('met') else 'NOT met'})")
+    for adapter in ("pipecat", "livekit"):  # not installed on the GPU machine, or failed: say so
+        section = get(data, ("agent_turn", adapter)) or {}
+        why = section.get("skipped") or section.get("error")
+        if why:
+            lines.append(f"  agent turn, {adapter}: no figures ({str(why)[:200]})")
     compile_buckets(name)
 for name in ("bench-compiled", "bench-eager"):
     if name not in runs:
