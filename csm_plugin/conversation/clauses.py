@@ -64,6 +64,11 @@ class TextSplitter:
                 pieces.append(piece)
         return pieces
 
+    @property
+    def pending(self) -> str:
+        """The text pushed and not given out as a piece yet (stripped)."""
+        return self._buffer.strip()
+
     def flush(self) -> str | None:
         """The text not spoken yet (the LLM's text ended); None if there is none."""
         rest, self._buffer = self._buffer.strip(), ""

@@ -159,21 +159,17 @@ class ClauseTextAggregator(BaseTextAggregator):
         super().__init__(aggregation_type=TextType.SENTENCE, language=language)
         self._splitter = TextSplitter("clause", min_words=min_words, max_words=max_words)
         self.min_words, self.max_words = min_words, max_words
-        self._pending = ""  # text received and not yet given out as a piece
 
     @property
     def text(self) -> Aggregation:
-        return Aggregation(text=self._pending.strip(), type=TextType.SENTENCE)
+        return Aggregation(text=self._splitter.pending, type=TextType.SENTENCE)
 
     async def aggregate(self, text: str) -> AsyncIterator[Aggregation]:
-        self._pending += text
         for piece in self._splitter.push(text):
-            # each piece is the stripped start of what is pending: drop it from the pending text
-            self._pending = self._pending[self._pending.index(piece) + len(piece) :]
             yield Aggregation(text=piece, type=TextType.SENTENCE)
 
     async def flush(self) -> Aggregation | None:
-        rest, self._pending = self._splitter.flush(), ""
+        rest = self._splitter.flush()
         return Aggregation(text=rest, type=TextType.SENTENCE) if rest else None
 
     async def handle_interruption(self):
@@ -181,7 +177,6 @@ class ClauseTextAggregator(BaseTextAggregator):
 
     async def reset(self):
         self._splitter.flush()
-        self._pending = ""
 
 
 @dataclass
