@@ -509,6 +509,7 @@ async def _stream_tokens(reply: str, opts: Options, times: TurnTimes, send: Call
 
 
 async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
+    from .audio import float_to_int16, int16_to_float
     from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams
     from pipecat.frames.frames import (
         EndFrame,
@@ -544,7 +545,7 @@ async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
     watchers: list[asyncio.Task] = []
 
     def rms(pcm: bytes) -> float:
-        x = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768
+        x = int16_to_float(np.frombuffer(pcm, dtype=np.int16))
         return float(np.sqrt(np.mean(x**2))) if x.size else 0.0
 
     class EnergyVAD(VADAnalyzer):
@@ -677,7 +678,7 @@ async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
             llm_.replies.append(reply)
             sink.stopped.clear()
             spoken.clear()
-            pcm = (np.clip(_voice(seconds, seed=20 + i, rate=rate), -1, 1) * 32767).astype(np.int16).tobytes()
+            pcm = float_to_int16(_voice(seconds, seed=20 + i, rate=rate)).tobytes()
             step = int(rate * chunk_s) * 2
             speech.extend(pcm[j : j + step] for j in range(0, len(pcm), step))
             await _wait(spoken, failed, errors, opts.timeout_s, f"pipecat turn {i + 1} (speaking)")
@@ -712,6 +713,7 @@ async def _run_pipecat(service, script: list, opts: Options, voice) -> dict:
 
 
 async def _run_livekit(service, script: list, opts: Options, voice) -> dict:
+    from .audio import float_to_int16
     from livekit import rtc
     from livekit.agents import DEFAULT_API_CONNECT_OPTIONS, Agent, AgentSession, llm
     from livekit.agents.voice import io
@@ -843,7 +845,7 @@ async def _run_livekit(service, script: list, opts: Options, voice) -> dict:
             current[:] = [times]
             scripted.replies.append(reply)
             mic.spoken.clear()
-            pcm = (np.clip(_voice(seconds, seed=20 + i, rate=rate), -1, 1) * 32767).astype(np.int16)
+            pcm = float_to_int16(_voice(seconds, seed=20 + i, rate=rate))
             step = int(rate * chunk_s)
             started_at = time.time()
             mic.speech.extend(pcm[j : j + step] for j in range(0, len(pcm), step))
