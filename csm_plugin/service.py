@@ -32,7 +32,9 @@ from .audio import as_mono, float_to_int16
 from .conversation.history import CHARS_PER_SECOND, Event, History, HistoryView, check_played_ms, spoken_text, word_timings
 from .conversation.options import SpeakOptions
 from .conversation.styles import UnknownTags, check_unknown_tags, split_style_tag
-from .conversation.types import FRAME_MS, AudioChunk, Origin, Segment, Turn, Word, as_codes, check_name, check_speaker, check_text
+from .conversation.types import (
+    FRAME_MS, MAX_INPUT_RATE, MIN_INPUT_RATE, AudioChunk, Origin, Segment, Turn, Word, as_codes, check_name, check_speaker, check_text,
+)
 from .engine import AudioFrame, Engine, InferenceWorker, Sampling, SharedKey, SlotReleasedError, SlotsBusyError, Stream, max_frames_for_text
 from .errors import AudioError, ConversationBusyError, CSMError, InputError, UnknownStyleError
 from .models.loading import DEFAULT_MODEL
@@ -41,8 +43,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CSMService", "Conversation", "Reply", "AudioChunk", "Turn", "Voice", "Style", "Exemplar", "Word", "SpeakOptions",
            "spoken_text", "word_timings"]
-
-MIN_INPUT_RATE, MAX_INPUT_RATE = 8_000, 192_000
 
 
 class Voice:

@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 
 from .audio import as_mono, read_mono
-from .conversation.types import FRAME_MS, check_name, check_speaker, check_text
+from .conversation.types import FRAME_MS, MAX_INPUT_RATE, MIN_INPUT_RATE, check_name, check_speaker, check_text
 from .errors import AudioError, InputError
 
 __all__ = ["MAX_CLIP_SECONDS", "MAX_RATE", "MIN_RATE", "ExemplarEntry", "Prompts", "StyleEntry", "VoiceEntry",
            "VoicePrompt", "VoicesFileError", "from_mapping", "load", "load_many", "read_clip", "register"]
 
-MIN_RATE, MAX_RATE = 8_000, 192_000  # the service's input rates (csm_plugin.service)
+MIN_RATE, MAX_RATE = MIN_INPUT_RATE, MAX_INPUT_RATE  # the service's input rates
 MAX_CLIP_SECONDS = 30.0  # a prompt is conditioning, not content: 3-10 s is the sweet spot (docs/voices.md)
 SECTIONS = ("voices", "styles")
 _VOICE_KEYS = {"text", "audio"}

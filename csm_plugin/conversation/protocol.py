@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, Val
 from ..errors import AudioError, ContextTooLongError, ConversationBusyError, CSMError, EngineError, InputError, UnknownStyleError
 from .history import Dropped, Event, Recorded, Removed, Trimmed
 from .options import SpeakOptions
-from .types import AUDIO_VOCAB, NUM_CODEBOOKS, SAMPLE_RATE, AudioChunk, Origin, Segment, Word, as_codes
+from .types import AUDIO_VOCAB, MAX_INPUT_RATE, MIN_INPUT_RATE, NUM_CODEBOOKS, SAMPLE_RATE, AudioChunk, Origin, Segment, Word, as_codes
 
 PROTOCOL_VERSION = 1
 _CONVERSATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -108,7 +108,6 @@ class AudioIn(_Strict):
 
 
 MAX_SPEAKER = 9999
-MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
 
 
 class SegmentIn(_Strict):
@@ -291,8 +290,8 @@ def decode_codes(
 
 def decode_audio(audio: AudioIn, max_seconds: float) -> tuple[np.ndarray, int]:
     """PCM from the wire -> (mono samples, rate); the length limit is checked before decoding."""
-    if not MIN_SAMPLE_RATE <= audio.sample_rate <= MAX_SAMPLE_RATE:
-        raise ProtocolError(Code.INVALID_AUDIO, f"sample_rate {audio.sample_rate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+    if not MIN_INPUT_RATE <= audio.sample_rate <= MAX_INPUT_RATE:
+        raise ProtocolError(Code.INVALID_AUDIO, f"sample_rate {audio.sample_rate} Hz is outside {MIN_INPUT_RATE}..{MAX_INPUT_RATE} Hz")
     raw_len = len(audio.data) * 3 // 4
     width = 2 if audio.format == "s16le" else 4
     if raw_len / width / audio.sample_rate > max_seconds + 1:

@@ -17,6 +17,7 @@ from ..errors import InputError
 
 FRAME_MS = 80  # one Mimi frame
 SAMPLE_RATE = 24_000  # Mimi / CSM output rate
+MIN_INPUT_RATE, MAX_INPUT_RATE = 8_000, 192_000  # the rates input audio may have (it is resampled to 24 kHz)
 NUM_CODEBOOKS = 32
 AUDIO_VOCAB = 2051  # CSM's code ids: Mimi's 2048 and 3 the model may emit (the codec clamps them)
 
