@@ -104,10 +104,6 @@ def write_audio(path: Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> 
     sf.write(str(path), pcm, sample_rate, format=fmt, subtype=subtype)
 
 
-def write_wav(path: Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    write_audio(path, pcm, sample_rate)
-
-
 @dataclass
 class ContextItem:
     speaker: int
@@ -155,11 +151,6 @@ def encode_context(items: list[ContextItem], engine) -> list:
         Segment(c.speaker, c.text, engine.encode_audio(c.audio, c.sample_rate) if c.audio is not None else None)
         for c in items
     ]
-
-
-def read_context(path: Path, engine) -> list:
-    """A context file as Segments (its audio encoded with `engine`'s codec)."""
-    return encode_context(load_context(path), engine)
 
 
 # --- commands -----------------------------------------------------------------------------------
