@@ -25,7 +25,7 @@ import torch
 
 from csm_plugin.client import RemoteBackend
 from csm_plugin.engine import Engine, Sampling
-from test_server_support import AUTH, KEY, OTHER_KEY, metric_value, running_server, scrape
+from test_server_support import AUTH, OTHER_KEY, metric_value, running_server, scrape
 
 pytestmark = pytest.mark.slow  # about a minute on 2 shared cores
 

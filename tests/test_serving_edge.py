@@ -7,7 +7,6 @@ import asyncio
 import json
 
 import aiohttp
-import numpy as np
 import pytest
 
 from csm_plugin.client import RemoteBackend

@@ -21,7 +21,7 @@ from csm_plugin.engine import Engine, Sampling, SlotsBusyError
 from csm_plugin.engine.preempt import resume, suspend
 from csm_plugin.prompt import Segment
 from csm_plugin.service import CSMService
-from test_server_support import AUTH, KEY, OTHER_KEY, Stream, metric_value, poll, running_server, scrape
+from test_server_support import AUTH, KEY, Stream, metric_value, poll, running_server, scrape
 from test_serving_admission import OTHER_AUTH, read_to_done, server_frames, small_buffer_session, stall
 
 LONG = "A long answer that this listener takes in far too slowly, word by word."

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from csm_plugin.engine import Engine, Sampling
+from csm_plugin.engine import Engine
 from csm_plugin.errors import AudioError, InputError
 from csm_plugin.service import CSMService, Exemplar
 
