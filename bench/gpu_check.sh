@@ -221,9 +221,9 @@ while IFS= read -r f; do
     case " ${TEST_FILES[*]} " in *" $f "*) ;; *) TEST_FILES+=("$f") ;; esac
 done < <(grep -lE 'mark\.cuda\b' tests/test_*.py 2>/dev/null | grep -v 'tests/test_gpu_check\.py' || true)
 export GPU_CHECK_RUNNING=1  # tests/test_gpu_check.py must not start this script again
-# One pytest process per file: CUDA-graph trees keep per-thread state, and a file whose graphs
-# were recorded on the main thread breaks the next file's service, which replays on its own
-# inference thread (seen on an H200: test_serving_encode after test_compiled in one process).
+# One pytest process per file, so one file's compiled graphs and CUDA state never reach the next
+# (seen on an H200 with torch.compile's CUDA-graph trees, since replaced by GraphedStep:
+# test_serving_encode failed after test_compiled in one process).
 export CUDA_TEST_FILES="${TEST_FILES[*]}"
 cuda_test_files() {
     local f n=0 rc=0 r

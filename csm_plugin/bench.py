@@ -108,7 +108,7 @@ def per_frame_split(engine: Engine, context, sampling, frames: int) -> dict:
             t1 = _now(device)
             codes = g.sample_frames(stream.h, [sampling.seed], [i], [sampling.temperature], [sampling.top_k])[0].cpu()
             t2 = _now(device)
-            engine.codec.decode_step(codes[None, :, None], engine.codec_state, rows=torch.tensor([stream.slot]))
+            engine.decode_frames(codes[None], [stream.slot])
             t3 = _now(device)
             stream.codes.append(codes)
             if i:  # the first frame has no backbone step of its own (the prefill made it)
@@ -323,7 +323,7 @@ def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, bas
         nonlocal compile_s
         engine = Engine(checkpoint, slots=max(2, streams), compile=compile, compile_batches=compile_batches)
         started = time.perf_counter()
-        engine.generator.warm_up()
+        engine.warm_up()
         compile_s = time.perf_counter() - started
         return engine
 

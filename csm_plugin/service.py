@@ -140,7 +140,7 @@ class CSMService:
             self.model, device=self.device, dtype=self.dtype, slots=self.max_cached_conversations,
             quantize=self.quantize, compile=self.compile,
         )
-        engine.generator.warm_up()
+        engine.warm_up()
         return engine
 
     async def close(self) -> None:

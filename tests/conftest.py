@@ -56,3 +56,36 @@ def generate_codes(loaded, context, speaker: int, text: str, sampling) -> list[t
     from csm_plugin.engine import Engine
 
     return [frame.codes for frame in Engine(loaded).synthesize(context, speaker, text, sampling)]
+
+
+# Three replies that end at different frames (3 -> 2 -> 1 streams batched), greedy and sampled.
+BATCHED_REPLIES = [
+    ("Hi! How are you?", dict(seed=1, max_audio_ms=640)),
+    ("A different reply entirely.", dict(seed=4, temperature=0.7, top_k=40, max_audio_ms=480)),
+    ("Answer.", dict(seed=9, top_k=64, max_audio_ms=320)),
+]
+
+
+def assert_batched_equals_solo(engine, reference, replies=BATCHED_REPLIES, atol=1e-5) -> None:
+    """`engine` speaking `replies` together, a batch that shrinks as they end, gives each the
+    codes and audio `reference` gives it alone."""
+    import numpy as np
+
+    from csm_plugin.engine import Sampling
+
+    jobs = [(text, Sampling(**settings)) for text, settings in replies]
+    frames: dict[int, list] = {i: [] for i in range(len(jobs))}
+    streams = [engine.start(f"batched-{i}", [], 0, text, sampling) for i, (text, sampling) in enumerate(jobs)]
+    while not all(s.done for s in streams):
+        live = [(i, s) for i, s in enumerate(streams) if not s.done]
+        for (i, _), frame in zip(live, engine.step_many([s for _, s in live])):
+            if frame is not None:
+                frames[i].append(frame)
+    for i, ((text, sampling), stream) in enumerate(zip(jobs, streams)):
+        engine.finish(stream, None, None)
+        engine.release(f"batched-{i}")
+        solo = list(reference.synthesize([], 0, text, sampling))
+        assert torch.equal(torch.stack([f.codes for f in frames[i]]), torch.stack([f.codes for f in solo])), f"reply {i}: codes"
+        got, want = np.concatenate([f.pcm for f in frames[i]]), np.concatenate([f.pcm for f in solo])
+        assert np.abs(want).max() > 1e-3 and np.allclose(got, want, atol=atol, rtol=1e-4), f"reply {i}: audio"
+    assert len({len(f) for f in frames.values()}) == len(jobs)  # they ended at different frames

@@ -23,7 +23,7 @@ QUICK = dict(turns=1, llm_first_token_ms=100.0, stt_final_ms=100.0, user_speech_
 @pytest.fixture(scope="module")
 def engine(hf_checkpoint):
     engine = Engine.load(hf_checkpoint, slots=4)
-    engine.generator.warm_up()
+    engine.warm_up()
     return engine
 
 

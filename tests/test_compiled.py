@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_batched_equals_solo
 
 from csm_plugin.engine import Engine, FrameGenerator, Sampling
 from csm_plugin.errors import InputError
@@ -30,30 +31,19 @@ def hidden_states(engine: Engine, lengths: list | None = None) -> torch.Tensor:
 def engines(hf_checkpoint):
     # Two compiled batch sizes (fewer than the default powers of two: 1, 2, 4): 2 and 3 streams run padded to 4.
     compiled = Engine.load(hf_checkpoint, slots=3, compile=True, compile_batches=(1, 4))
-    compiled.generator.warm_up()  # batch sizes 1 and 4 at the default top-k width (64)
+    compiled.warm_up()  # batch sizes 1 and 4 at the default top-k width (64)
     return Engine.load(hf_checkpoint, slots=3), compiled
 
 
 def test_compiled_engine_streams_equal_eager_solo_streams(engines):
-    """Three replies batched (3 -> 2 -> 1 streams as they end: rows 4, 4, 1) equal each one alone, eager; the
-    warm-up compiled every graph they need."""
+    """Three replies batched (3 -> 2 -> 1 streams as they end: rows 4, 4, 1) equal each one alone, eager,
+    codes and audio; the warm-up compiled every graph they need."""
     from torch._dynamo.utils import counters
 
     eager, compiled = engines
-    jobs = [
-        ("Hi! How are you?", Sampling(seed=1, max_audio_ms=640)),
-        ("A different reply entirely.", Sampling(seed=4, temperature=0.7, top_k=40, max_audio_ms=480)),
-        ("Answer.", Sampling(seed=9, top_k=64, max_audio_ms=320)),
-    ]
     graphs = counters["stats"]["unique_graphs"]
-    streams = [compiled.start(f"s{i}", [], 0, text, sampling) for i, (text, sampling) in enumerate(jobs)]
-    while not all(s.done for s in streams):
-        compiled.step_many([s for s in streams if not s.done])
+    assert_batched_equals_solo(compiled, eager)
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while speaking
-    for (text, sampling), stream in zip(jobs, streams):
-        solo = torch.stack([f.codes for f in eager.synthesize([], 0, text, sampling)])
-        assert torch.equal(torch.stack(stream.codes), solo)
-        compiled.finish(stream, None, None)
 
 
 def test_compiled_frames_equal_eager_frames(engines):
@@ -107,12 +97,16 @@ def test_compiled_streams_stay_independent(engines):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_match_eager_on_gpu(hf_checkpoint):
-    eager = Engine.load(hf_checkpoint, device="cuda")
-    compiled = Engine.load(hf_checkpoint, device="cuda", compile=True)
+    """The backbone step, the depth pass and the Mimi step each replayed as one CUDA graph per
+    batch bucket: one stream, then three batched and padded, equal eager on the same GPU."""
+    eager = Engine.load(hf_checkpoint, device="cuda", slots=3)
+    compiled = Engine.load(hf_checkpoint, device="cuda", slots=3, compile=True, compile_batches=(1, 4))
+    compiled.warm_up()
     for sampling in (Sampling(top_k=1, max_audio_ms=640), Sampling(seed=2, max_audio_ms=640)):
         want = [f.codes for f in eager.synthesize([], 0, "Hello there.", sampling)]
         got = [f.codes for f in compiled.synthesize([], 0, "Hello there.", sampling)]
         assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert_batched_equals_solo(compiled, eager, atol=1e-4)
 
 
 def test_compiled_batch_sizes_are_checked(hf_checkpoint):

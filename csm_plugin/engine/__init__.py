@@ -2,6 +2,7 @@
 
     sampling.py  Sampling settings, the reply length bound, seeded Gumbel top-k sampling
     frames.py    one frame's model calls (compilable) and FrameGenerator, which runs them
+    graphs.py    GraphedStep: a fixed-shape step replayed as one CUDA graph (compiled engines)
     slots.py     cache slot bookkeeping: owners, cached segments, LRU eviction (SlotPool)
     prefixes.py  shared context prefixes (pinned voice prompts' rows, computed once)
     core.py      Engine (prefill with prefix reuse, batched steps, finish), Stream, AudioFrame

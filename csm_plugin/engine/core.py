@@ -17,6 +17,7 @@ from ..errors import ContextTooLongError, InputError
 from ..models.loading import DEFAULT_MODEL, LoadedCheckpoint, load_checkpoint
 from ..prompt import Segment, audio_rows, segment_rows, text_rows
 from .frames import FrameGenerator
+from .graphs import GraphedStep
 from .sampling import FRAME_MS, Sampling, max_frames_for_text
 from .prefixes import PrefixStore, StoredPrefix, shared_prefix
 from .slots import CachedSegment, Lease, Slot, SlotPool, SlotReleasedError
@@ -80,7 +81,11 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         self.codec = checkpoint.codec
         self.generator = FrameGenerator(checkpoint.model, slots=slots, compile=compile, batches=compile_batches)
-        self.codec_state = self.codec.decode_state(slots)  # Mimi decoder state: one row per cache slot
+        # Mimi decoder state: one row per cache slot, and compiled a scratch row for the padding
+        # of a batch bucket; the Mimi step is then one CUDA graph per bucket, like the frame's.
+        self.codec_state = self.codec.decode_state(slots + 1 if compile else slots)
+        self._codec_scratch_row = slots
+        self._codec_graphs = GraphedStep(self._decode_rows, self.codec.device, self._decode_scratch, "Mimi step")
         self.slot_pool = SlotPool(slots)
         self.prefixes = PrefixStore()  # pinned voice prompts' rows, shared by new conversations
 
@@ -274,10 +279,8 @@ class Engine:
         ).cpu()
         speaking = [(s, c) for s, c in zip(streams, codes) if c.any()]  # all zeros: the end-of-audio frame
         pcm = None
-        if speaking:  # one batched Mimi step; a stream's decoder state is the row of its slot
-            rows = torch.tensor([s.slot for s, _ in speaking])
-            pcm = self.codec.decode_step(torch.stack([c for _, c in speaking])[:, :, None], self.codec_state, rows=rows)
-            pcm = pcm[:, 0].float().cpu().numpy()
+        if speaking:  # one batched Mimi step
+            pcm = self.decode_frames(torch.stack([c for _, c in speaking]), [s.slot for s, _ in speaking])
         # The whole frame exists: only now does any stream change.
         for s in feed:
             s.h, s.fed = hidden[id(s)], s.fed + 1
@@ -288,6 +291,38 @@ class Engine:
         for s in streams:
             s.done = id(s) not in frames or len(s.codes) >= s.limit
         return [frames.get(id(s)) for s in streams]
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compiled: compile and capture the frame step and the Mimi step for every batch bucket
+        (writing only into scratch rows), so no live reply waits for it. Eager: nothing to do."""
+        self.generator.warm_up()
+        if self.generator.compiled:
+            for batch in self.generator.batches:
+                self._codec_graphs([torch.zeros(batch, self.generator.cfg.num_codebooks, 1, dtype=torch.long),
+                                    torch.full((batch,), self._codec_scratch_row)])
+
+    @torch.inference_mode()
+    def decode_frames(self, codes: torch.Tensor, slots: list[int]) -> np.ndarray:
+        """One Mimi step: each stream's frame codes [n, 32] -> PCM [n, 1920] (float32), the
+        decoder state of a stream being the row of its slot (distinct slots)."""
+        rows = torch.tensor(slots)
+        if not self.generator.compiled:
+            pcm = self.codec.decode_step(codes[:, :, None], self.codec_state, rows=rows)
+        else:
+            pad = self.generator.bucket(len(slots)) - len(slots)
+            if pad:
+                rows = torch.cat([rows, torch.full((pad,), self._codec_scratch_row)])
+                codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
+            pcm = self._codec_graphs([codes[:, :, None], rows])[: len(slots)]
+        return pcm[:, 0].float().cpu().numpy()
+
+    def _decode_rows(self, codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode_rows(codes, self.codec_state, rows)
+
+    def _decode_scratch(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        codes, rows = tensors
+        return [torch.zeros_like(codes), torch.full_like(rows, self._codec_scratch_row)]
 
     def _rebuild_codec_rows(self, streams: list[Stream]) -> None:
         """Put the Mimi decoder rows of `streams` back to where their codes so far leave them

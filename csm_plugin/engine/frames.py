@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..errors import ContextTooLongError, InputError
 from ..models.csm import CSM
+from .graphs import GraphedStep
 from .sampling import Sampling, noise_keys, sample_topk, top_k_bucket
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,11 @@ def batch_bucket(batch: int) -> int:
 class FrameGenerator:
     """Runs a CSM model for streams that each own a backbone cache slot.
 
-    With compile=True each model call of a frame (the backbone step, then 31 depth steps each with
-    its sampling) runs as a torch.compile graph, one per batch bucket: CUDA graphs on GPUs
-    ("reduce-overhead"), C++ kernels on CPU. Not thread-safe: one thread owns a FrameGenerator
-    (the service's inference worker).
+    With compile=True the model calls of a frame (the backbone step, then 31 depth steps each with
+    its sampling) are torch.compile'd, and each of the two parts runs as one GraphedStep per batch
+    bucket: on GPUs the backbone step is one CUDA-graph replay and the whole depth pass another;
+    on CPUs the compiled C++ kernels run directly. Not thread-safe: one thread owns a
+    FrameGenerator (the service's inference worker).
     """
 
     def __init__(self, model: CSM, slots: int = 1, compile: bool = False, batches: Sequence[int] | None = None):
@@ -83,26 +85,21 @@ class FrameGenerator:
             model.setup_caches(cache_slots, max_batch=rows)
         self._codebook_index = torch.arange(self.cfg.num_codebooks, device=self.device)
         self._feed_frame, self._first_codebooks, self._next_codebook = feed_frame, first_codebooks, next_codebook
-        self._cuda_graphs = compile and self.device.type == "cuda"
         if compile:
-            from torch._dynamo import config as dynamo_config, mark_static_address
+            from torch._dynamo import config as dynamo_config
 
             # One graph per (batch bucket, top-k bucket) pair.
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-            # The caches are updated in place at fixed addresses: a CUDA graph must use them where
-            # they are, never copy the slot pool into an input buffer of its own (as transformers'
-            # StaticCache does).
-            for cache in (model.backbone_cache, model.decoder_cache):
-                mark_static_address(cache.k)
-                mark_static_address(cache.v)
-            # GPUs: CUDA graphs replay a step's ~100 kernels as one launch. CPU: a C++ wrapper calls
-            # the kernels instead of Python (about a third less time per step at small sizes).
-            how = dict(mode="reduce-overhead") if self._cuda_graphs else dict(options={"cpp_wrapper": True})
+            # CPU: a C++ wrapper calls the kernels instead of Python (about a third less time per
+            # step at small sizes). GPU: plain inductor kernels; GraphedStep makes the CUDA graphs.
+            how = {} if self.device.type == "cuda" else dict(options={"cpp_wrapper": True})
             # The module-level functions themselves, not closures or partials (those share one code
             # object, hence one cache, between all of them).
             self._feed_frame = torch.compile(feed_frame, dynamic=False, fullgraph=True, **how)
             self._first_codebooks = torch.compile(first_codebooks, dynamic=False, fullgraph=True, **how)
             self._next_codebook = torch.compile(next_codebook, dynamic=False, fullgraph=True, **how)
+        self._feed_graphs = GraphedStep(self._feed_step, self.device, self._feed_scratch, "backbone step")
+        self._depth_graphs = GraphedStep(self._depth_pass, self.device, _depth_scratch, "depth pass")
 
     def bucket(self, batch: int) -> int:
         """The compiled batch size that runs `batch` streams (padded up to it)."""
@@ -112,27 +109,18 @@ class FrameGenerator:
     def max_positions(self) -> int:
         return self.cfg.backbone.max_seq_len
 
-    def _run(self, step: Callable, *args) -> torch.Tensor:
-        if not self._cuda_graphs:
-            return step(self.model, *args)
-        # A CUDA graph writes its output into the same memory at every replay: each call starts a
-        # new step and the output is copied out before the next replay reuses that memory.
-        torch.compiler.cudagraph_mark_step_begin()
-        return step(self.model, *args).clone()
-
     @torch.inference_mode()  # live inputs are inference tensors; compiled graphs are specialized to that
     def warm_up(self, top_k: int = Sampling.top_k) -> None:
-        """Compile (and on GPUs capture) the frame step for every batch bucket up to the slot
-        count at `top_k`'s width, so no live reply waits for a compile. Other top-k widths compile
-        when first used. The warm-up writes only into the scratch slot."""
+        """Compile and capture the frame step for every batch bucket up to the slot count at
+        `top_k`'s width, so no live reply waits for a compile. Other top-k widths compile when
+        first used. The warm-up writes only into the scratch slot."""
         if not self.compiled:
             return
         for batch in self.batches:
             started = time.perf_counter()
             slots = torch.full((batch,), self._scratch_slot)
-            for _ in range(3):  # CUDA graph trees warm up, then record, then replay
-                h = self.feed_frames(slots, torch.zeros(batch, self.cfg.num_codebooks, dtype=torch.long), torch.zeros(batch, dtype=torch.long))
-                self.sample_frames(h, [0] * batch, [0] * batch, [1.0] * batch, [top_k] * batch)
+            h = self.feed_frames(slots, torch.zeros(batch, self.cfg.num_codebooks, dtype=torch.long), torch.zeros(batch, dtype=torch.long))
+            self.sample_frames(h, [0] * batch, [0] * batch, [1.0] * batch, [top_k] * batch)
             log.info("compiled the frame step for %d streams in %.1f s", batch, time.perf_counter() - started)
 
     @torch.inference_mode()
@@ -152,12 +140,14 @@ class FrameGenerator:
     def feed_frames(self, slots: torch.Tensor, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Append one generated frame per stream: codes [B, 32] at positions [B] -> hidden [B, dim]."""
         B = slots.shape[0]
-        pad = self.bucket(B) - B if self.compiled else 0
+        if not self.compiled:
+            return self._feed_step(slots.to(self.device), codes.to(self.device), positions.to(self.device))
+        pad = self.bucket(B) - B
         if pad:
             slots = torch.cat([slots, torch.full((pad,), self._scratch_slot)])
             codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
             positions = torch.cat([positions, positions.new_zeros(pad)])
-        return self._run(self._feed_frame, slots.to(self.device), codes.to(self.device), positions.to(self.device), self.compiled)[:B]
+        return self._feed_graphs([slots, codes, positions])[:B]
 
     @torch.inference_mode()
     def sample_frames(
@@ -176,8 +166,29 @@ class FrameGenerator:
         if pad:
             h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
         top_k = settings[2]
+        if not self.compiled:
+            return self._depth_pass(h, keys, temperature, top_k, k_cap)
+        return self._depth_graphs([h, keys, temperature, top_k], k_cap)[:B]
+
+    def _feed_step(self, slots: torch.Tensor, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._feed_frame(self.model, slots, codes, positions, self.compiled)
+
+    def _feed_scratch(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        slots, codes, positions = tensors
+        return [torch.full_like(slots, self._scratch_slot), torch.zeros_like(codes), torch.zeros_like(positions)]
+
+    def _depth_pass(self, h: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, k_cap: int) -> torch.Tensor:
+        """Hidden h [B, dim] -> codes [B, 32]: codebooks 0 and 1, then a depth step per codebook.
+        Compiled, the codebook index is a tensor (no host sync, one graph for all 30 steps)."""
         static = self.compiled
-        codes = list(self._run(self._first_codebooks, h, keys, temperature, top_k, k_cap, static).unbind(1))
+        codes = list(self._first_codebooks(self.model, h, keys, temperature, top_k, k_cap, static).unbind(1))
         for i in self._codebook_index[2:] if static else range(2, self.cfg.num_codebooks):
-            codes.append(self._run(self._next_codebook, codes[-1], i, keys, temperature, top_k, k_cap, static))
-        return torch.stack(codes, dim=1)[:B]
+            codes.append(self._next_codebook(self.model, codes[-1], i, keys, temperature, top_k, k_cap, static))
+        return torch.stack(codes, dim=1)
+
+
+def _depth_scratch(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Inputs for a harmless depth pass (it writes only the depth decoder's per-frame cache):
+    zero hidden states and keys, temperature 1, greedy."""
+    h, keys, temperature, top_k = tensors
+    return [torch.zeros_like(h), torch.zeros_like(keys), torch.ones_like(temperature), torch.ones_like(top_k)]

@@ -806,7 +806,14 @@ class Mimi(nn.Module):
         if codes.shape[0] == 0:  # no stream to advance this frame
             cfg = self.config
             return torch.zeros(0, cfg.audio_channels, codes.shape[-1] * cfg.frame_size, device=self.device)
-        codes = codes.to(self.device, torch.long).clamp(0, self.config.codebook_size - 1)
+        return self.decode_rows(codes.to(self.device, torch.long), state, rows)
+
+    @torch.no_grad()
+    def decode_rows(self, codes: Tensor, state: MimiDecodeState, rows: Tensor | None) -> Tensor:
+        """`decode_step` without its checks and host syncs, for callers that built `rows` themselves
+        (a CUDA graph can capture it): codes [n, K, F] long on this device, rows [n] or None. A
+        row named more than once ends in an undefined state (fine for a scratch row, as padding)."""
+        codes = codes.clamp(0, self.config.codebook_size - 1)
         x = self.quantizer.decode(codes)  # [n, hidden, F]
         x = self.upsample.step(x, state, rows)  # [n, hidden, F * stride]
         T = x.shape[-1]
