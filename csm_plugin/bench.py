@@ -334,6 +334,7 @@ def run(size="tiny", device="cpu", dtype="float32", streams=64, frames=None, bas
         worker.stop()
     result["settings"]["compile_s"] = round(compile_s, 1) if compile else None
     result["settings"]["compile_batches"] = worker.engine.generator.batches if compile else None
+    result["settings"]["cuda_graphs"] = worker.engine.cuda_graphs
     if baseline:
         import transformers
 

@@ -292,6 +292,11 @@ class Engine:
             s.done = id(s) not in frames or len(s.codes) >= s.limit
         return [frames.get(id(s)) for s in streams]
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether frames run as CUDA-graph replays (compiled, on a GPU, CSM_CUDA_GRAPHS not 0)."""
+        return self.generator.compiled and self._codec_graphs.graphs
+
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compiled: compile and capture the frame step and the Mimi step for every batch bucket

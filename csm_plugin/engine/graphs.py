@@ -17,12 +17,17 @@ place of the replay, so CPU tests cover everything but the capture itself.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger(__name__)
+
+# CSM_CUDA_GRAPHS=0 runs compiled engines on GPUs without capturing graphs (the compiled kernels,
+# launched one by one): the way to tell whether a problem on a GPU lies in the capture.
+CUDA_GRAPHS_ENV = "CSM_CUDA_GRAPHS"
 
 # Calls before a capture: the first compiles a torch.compile'd function, the second finds its
 # kernels, cuBLAS workspaces and allocator blocks ready, so the capture records only the step.
@@ -50,11 +55,11 @@ class GraphedStep:
         scratch: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]], name: str = "step",
     ):
         self.fn, self.device, self.scratch, self.name = fn, torch.device(device), scratch, name
-        self.cuda = self.device.type == "cuda"
+        self.graphs = self.device.type == "cuda" and os.environ.get(CUDA_GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
         self._captured: dict[Hashable, _Captured] = {}
         # One memory pool for all of this object's graphs: they never run at the same time, and
         # each output is copied out before another replay can reuse its memory.
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda else None
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     @property
     def captured(self) -> int:
@@ -78,7 +83,7 @@ class GraphedStep:
         inputs = [t.clone() for t in self.scratch(tensors)]
         if [(t.shape, t.dtype, t.device) for t in inputs] != [(t.shape, t.dtype, t.device) for t in tensors]:
             raise ValueError(f"{self.name}: scratch inputs must have the shapes, dtypes and device of the inputs")
-        if not self.cuda:
+        if not self.graphs:
             for _ in range(WARMUP_CALLS):
                 output = self.fn(*inputs, *constants)
             return _Captured(inputs, output.clone(), None)
