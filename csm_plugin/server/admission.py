@@ -40,11 +40,10 @@ class Busy(ProtocolError):
 
 @dataclass(eq=False)
 class Place:
-    """One admitted reply. `on_yield` is told when the place is handed to a waiting reply (the
-    reply goes on, out of the limits, until its reader catches up or it ends)."""
+    """One admitted reply. A place handed to a waiting reply is `yielded`: its reply goes on, out
+    of the limits, until its reader catches up or it ends."""
 
     key_id: str
-    on_yield: Callable[[], None] | None = None
     admitted_at: float = field(default_factory=time.monotonic)
     behind_since: float | None = None  # its reader fell behind real time at this moment
     yielded: bool = False  # gave its place to a waiting reply while behind: not counted
@@ -54,7 +53,6 @@ class Place:
 @dataclass(eq=False)
 class _Waiter:
     key_id: str
-    on_yield: Callable[[], None] | None
     future: asyncio.Future
     since: float = field(default_factory=time.monotonic)
 
@@ -89,19 +87,19 @@ class Admission:
         rounds = (self.queued + 1) / max(1, self.capacity)
         return float(min(60, max(1, math.ceil(rounds * self._hold_s))))
 
-    async def acquire(self, key_id: str, on_yield: Callable[[], None] | None = None) -> Place:
+    async def acquire(self, key_id: str) -> Place:
         """A place for one reply of `key_id`: at once, or after waiting in the queue. Raises Busy
         (queue full, or no place within wait_s) or the close reason (draining)."""
         if self._closed is not None:
             raise self._closed
         if self._free_for(key_id) and not self._queues.get(key_id):
-            return self._admit(key_id, on_yield)
+            return self._admit(key_id)
         if self.queued >= self.max_queue:
             raise Busy(f"the server is busy: {self.queued} replies are waiting", self.retry_after_s())
         queue = self._queues.setdefault(key_id, collections.deque())
         if len(queue) >= self.max_queue_per_key:
             raise Busy(f"this API key has {len(queue)} replies waiting already", self.retry_after_s())
-        waiter = _Waiter(key_id, on_yield, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(key_id, asyncio.get_running_loop().create_future())
         queue.append(waiter)
         self._changed()
         self._rebalance()
@@ -179,8 +177,8 @@ class Admission:
     def _free_for(self, key_id: str) -> bool:
         return len(self.active) < self.capacity and self.active_per_key[key_id] < self.per_key
 
-    def _admit(self, key_id: str, on_yield) -> Place:
-        place = Place(key_id, on_yield)
+    def _admit(self, key_id: str) -> Place:
+        place = Place(key_id)
         self._count(place)
         self._changed()
         return place
@@ -207,7 +205,7 @@ class Admission:
                     self._queues.move_to_end(key_id)  # this key goes to the back of the line
                     if not queue:
                         del self._queues[key_id]
-                    waiter.future.set_result(self._admit(key_id, waiter.on_yield))
+                    waiter.future.set_result(self._admit(key_id))
                     break
                 if not queue:
                     del self._queues[key_id]
@@ -228,8 +226,6 @@ class Admission:
             self._uncount(victim)
             victim.yielded = True
             self.yielded.add(victim)
-            if victim.on_yield is not None:
-                victim.on_yield()
             self._dispatch()
             self._changed()
 
