@@ -17,8 +17,10 @@ started service. Torch-free: only numpy and soundfile are imported.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +81,27 @@ class VoicePrompt:
         digest.update(as_mono(self.audio).tobytes())  # as float32 samples, whatever dtype they came in
         return f"voice-prompt-{digest.hexdigest()[:16]}"
 
+    async def register(self, backend: Any) -> str:
+        """Register this prompt on `backend` (anything with `add_voice`) under `name`, once per
+        backend however many pipelines or TTS objects ask, and return the name. Callers that
+        start together wait for one registration instead of each encoding the clip."""
+        name = self.name
+        try:
+            registered = _registrations.setdefault(backend, {})
+        except TypeError:  # a backend that cannot be weakly referenced: register it every time
+            registered = {}
+        task = registered.get(name)
+        loop = asyncio.get_running_loop()
+        if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+            return name  # registered already (possibly from another event loop)
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = registered[name] = loop.create_task(
+                backend.add_voice(name, text=self.text, audio=self.audio, sample_rate=self.sample_rate)
+            )
+        # shielded: a caller that is cancelled while the clip is encoded does not cancel it for the others
+        await asyncio.shield(task)
+        return name
+
     @classmethod
     def of(cls, value: VoicePrompt | tuple) -> VoicePrompt:
         """A VoicePrompt, or one from a (text, audio, sample_rate) tuple."""
@@ -87,6 +110,10 @@ class VoicePrompt:
         if isinstance(value, tuple) and len(value) == 3:
             return cls(*value)
         raise InputError(f"a voice prompt must be a VoicePrompt or a (text, audio, sample_rate) tuple, got {type(value).__name__}")
+
+
+# VoicePrompt.register's registrations (tasks), per backend: weak keys, so a closed backend goes.
+_registrations: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Task]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True, eq=False)

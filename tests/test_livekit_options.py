@@ -172,7 +172,7 @@ def test_bad_split_options_are_refused_when_the_tts_is_made():
 async def test_a_voice_prompt_is_registered_once_under_a_name_from_its_content():
     """Every TTS given the same clip and transcript pins the same registered voice (so the
     service prefills its cache rows once for all their conversations); another clip is another
-    voice. Each TTS registers it once, however many replies it speaks."""
+    voice. It is registered once per backend, however many TTS objects and replies use it."""
     backend = FakeBackend()
     prompt = csm.VoicePrompt("Thanks for calling, this is Maya.", tone(), SR)
     same = csm.VoicePrompt("Thanks for calling, this is Maya.", tone().copy(), SR)
@@ -186,7 +186,7 @@ async def test_a_voice_prompt_is_registered_once_under_a_name_from_its_content()
 
     for speech in (first, first, second):
         await speech.synthesize("Hello there.").collect()
-    assert backend.registered == [name, name]  # once per TTS
+    assert backend.registered == [name]  # once for both TTS objects
     for speech in (first, second):
         pinned = speech.conversation.turns[0]
         assert pinned.origin == "voice" and pinned.segment.text == prompt.text and pinned.segment.speaker == 0

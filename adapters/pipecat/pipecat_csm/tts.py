@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -117,32 +116,6 @@ class CSMTTSSettings(TTSSettings):
 _RELOAD_FIELDS = {"model", "context_budget"}  # need a new engine
 _NEW_CONVERSATION_FIELDS = {"voice"}  # pinned when the conversation is created
 _SPLIT_FIELDS = {"split", "clause_min_words", "clause_max_words"}  # the text aggregator
-
-
-# Voice prompts registered by this adapter, per backend: the backend encodes a prompt once however
-# many pipelines use it. Values are the registrations (tasks) so that pipelines starting together
-# wait for one registration instead of each encoding the clip. Weak keys: a closed backend goes.
-_registered_voices: weakref.WeakKeyDictionary[Any, dict[str, asyncio.Task]] = weakref.WeakKeyDictionary()
-
-
-async def _register_voice(backend: Any, prompt: VoicePrompt) -> str:
-    """Register `prompt` on `backend` (once per backend) and return its name."""
-    name = prompt.name
-    try:
-        registered = _registered_voices.setdefault(backend, {})
-    except TypeError:  # a backend that cannot be weakly referenced: register it every time
-        registered = {}
-    task = registered.get(name)
-    loop = asyncio.get_running_loop()
-    if task is not None and task.done() and not task.cancelled() and task.exception() is None:
-        return name  # registered already (possibly from another event loop)
-    if task is None or task.done() or task.get_loop() is not loop:
-        task = registered[name] = loop.create_task(
-            backend.add_voice(name, text=prompt.text, audio=prompt.audio, sample_rate=prompt.sample_rate)
-        )
-    # shielded: a pipeline that ends while the clip is encoded does not cancel it for the others
-    await asyncio.shield(task)
-    return name
 
 
 class ClauseTextAggregator(BaseTextAggregator):
@@ -407,7 +380,7 @@ class CSMTTSService(TTSService):
             return backend.conversation(self._conversation_id, voices=voices)
         if hasattr(backend, "add_voice"):
             try:
-                name = await _register_voice(backend, prompt)
+                name = await prompt.register(backend)
             except Exception as e:
                 raise _VoicePromptError(f"{type(e).__name__}: {e}") from e
             return backend.conversation(self._conversation_id, voices={speaker: name})  # pinned: never trimmed

@@ -194,7 +194,6 @@ class TTS(tts.TTS):
         speak = SpeakOptions(speaker, temperature, top_k, seed, max_audio_ms, chunk_frames=1, style=style)
         self._opts = _TTSOptions(speak, user_speaker)
         self._voice_prompt, self._voice_name = _voice(voice)
-        self._voice_registered_on: object | None = None  # the backend the prompt was registered on
         self._conversation_id = conversation_id or utils.shortuuid("csm_")
         self._follow_session = follow_session
         self._user_audio = user_audio
@@ -620,12 +619,10 @@ class TTS(tts.TTS):
         if name is not None and prompt is None:
             voices = {self._opts.speaker: name}  # registered on the backend already (a voices file)
         elif prompt is not None and hasattr(backend, "add_voice"):
-            # Once per TTS, under a name derived from the prompt's content: every conversation
+            # Once per backend, under a name derived from the prompt's content: every conversation
             # (and every TTS) with this prompt pins the same voice, whose cache rows the
             # service prefills once and shares.
-            if self._voice_registered_on is not backend:
-                await backend.add_voice(name, text=prompt.text, audio=prompt.audio, sample_rate=prompt.sample_rate)
-                self._voice_registered_on = backend
+            await prompt.register(backend)
             voices = {self._opts.speaker: name}  # pinned: never trimmed from the context
         conv = backend.conversation(self._conversation_id, voices=voices)
         if prompt is not None and voices is None:
