@@ -13,13 +13,17 @@
 #                   folder put on PYTHONPATH                             -> wheels.log
 #   3. cuda-tests   the tests marked `cuda` or named for CUDA, a process per file, beside step 4
 #                                                                        -> pytest-cuda.log, pytest-cuda-N.xml
-#   4. bench-eager  csm-plugin bench, bf16, eager, streams up to 64, at most 150 s -> bench-eager.json
-#   5. bench-compiled  the same with --compile (batch sizes 1, 8, 64 compiled; a frame is three
-#                   CUDA-graph replays), the service figures (new conversation with a 10 s voice,
-#                   styled reply) and the agent turn through Pipecat and LiveKit; all that is left
-#                   of the budget; if it fails, once more without CUDA-graph capture
+#   4. bench-eager  csm-plugin bench, bf16, eager, streams up to 8 (eager is not real time even
+#                   alone), at most 120 s                                -> bench-eager.json
+#   5. bench-graphs  --compile graphs: a frame as three CUDA graphs of the uncompiled model calls
+#                   (captured in seconds), batch sizes 1, 8, 64, streams up to 64, at most 120 s
+#                                                                        -> bench-graphs.json
+#   6. bench-compiled  the same with --compile (the graphs hold torch.compile'd kernels; about a
+#                   minute per batch size), the service figures (new conversation with a 10 s
+#                   voice, styled reply) and the agent turn through Pipecat and LiveKit; all that
+#                   is left of the budget; if it fails, once more without CUDA-graph capture
 #                   (CSM_CUDA_GRAPHS=0)           -> bench-compiled.json (bench-compiled-nographs.json)
-#   6. summary      each target, the measured figure, pass/fail          -> summary.txt/.json
+#   7. summary      each target, the measured figure, pass/fail          -> summary.txt/.json
 # The timestamped step lines are also in steps.log, one line per step in steps.tsv.
 #
 # The project is not pip-installed there: it runs from the repository root (PYTHONPATH).
@@ -37,7 +41,7 @@ BUDGET=480
 STREAMS=""
 FRAMES=""
 
-usage() { sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT=$2; shift 2 ;;
@@ -63,7 +67,8 @@ elif [ -d "$ROOT/.whl" ]; then
 fi
 cd "$ROOT"
 rm -f "$OUT"/steps.log "$OUT"/steps.tsv "$OUT"/summary.txt "$OUT"/summary.json \
-      "$OUT"/bench-compiled.json "$OUT"/bench-compiled-nographs.json "$OUT"/bench-eager.json "$OUT"/pytest-cuda*.xml
+      "$OUT"/bench-compiled.json "$OUT"/bench-compiled-nographs.json "$OUT"/bench-graphs.json "$OUT"/bench-eager.json \
+      "$OUT"/pytest-cuda*.xml
 
 if [ "$DRY" = 1 ]; then
     MODE="dry run: tiny, cpu, float32"
@@ -75,7 +80,7 @@ if [ "$DRY" = 1 ]; then
 else
     MODE="gpu: full, cuda, bfloat16"
     BENCH=(--size full --device cuda --dtype bfloat16)
-    C_STREAMS=${STREAMS:-64}; E_STREAMS=${STREAMS:-64}; NFRAMES=${FRAMES:-20}
+    C_STREAMS=${STREAMS:-64}; E_STREAMS=${STREAMS:-8}; NFRAMES=${FRAMES:-20}
     # Three compiled batch sizes instead of the seven powers of two up to 64 (about a minute each
     # on an H200): 2-8 streams run padded to 8, 9-64 to 64. That fits the budget; the figures at
     # 1 and 64 streams are exact, those between are upper bounds.
@@ -241,7 +246,7 @@ cuda_tests() {
     run_step cuda-tests 150 "$OUT/pytest-cuda.log" cuda_test_files
 }
 
-# 4-5. Bench ---------------------------------------------------------------------------------------
+# 4-6. Bench ---------------------------------------------------------------------------------------
 # -v logs the compile time of each batch bucket, so a run cut by its timeout still tells how far
 # the compile got.
 bench() {  # bench NAME MAX_SECONDS STREAMS EXTRA_ARGS...
@@ -252,13 +257,13 @@ bench() {  # bench NAME MAX_SECONDS STREAMS EXTRA_ARGS...
     if [ "$STEP_RC" = 0 ] && [ ! -s "$OUT/$name.json" ]; then mark_failed "$name" "no $name.json written"; fi
 }
 # The CUDA tests (a tiny model: under a minute, mostly its compile on the CPU) run beside the eager
-# bench. Eager first, bounded: it takes a couple of minutes and guarantees figures (and the
-# transformers baseline) even if the compiled run's 7 bucket compiles outlast the budget; then
-# the compiled run, which is what the targets are about, gets all that is left.
+# bench. Eager first, bounded: it guarantees figures (and the transformers baseline) whatever
+# happens after; then the CUDA graphs without compile (bounded: no compile to wait for), then
+# the compiled run, whose compiles take most of what is left.
 log "step cuda-tests: runs beside bench-eager"
 ( cuda_tests ) &
 TESTS_PID=$!
-bench bench-eager 150 "$E_STREAMS"
+bench bench-eager 120 "$E_STREAMS"
 wait "$TESTS_PID" || true
 tests_status=missing
 while IFS=$'\t' read -r step status _; do
@@ -285,6 +290,7 @@ else
     FAILED+=(cuda-tests)
 fi
 
+bench bench-graphs 120 "$C_STREAMS" --compile graphs --compile-batches "$C_BATCHES"
 bench bench-compiled 100000 "$C_STREAMS" --compile --compile-batches "$C_BATCHES" --agent-turn --agent-turns "$AGENT_TURNS"
 # The CUDA-graph capture (GraphedStep) is what a CPU cannot test. If the compiled run failed
 # (not timed out), the same run without capture (CSM_CUDA_GRAPHS=0) tells whether the capture
@@ -294,7 +300,7 @@ if [ "$STEP_RC" != 0 ] && [ "$STEP_RC" != 124 ] && [ "$STEP_RC" != 137 ] && [ "$
     CSM_CUDA_GRAPHS=0 bench bench-compiled-nographs 100000 "$C_STREAMS" --compile --compile-batches "$C_BATCHES"
 fi
 
-# 6. Summary ---------------------------------------------------------------------------------------
+# 7. Summary ---------------------------------------------------------------------------------------
 summary_step() {
     "$PY" - "$OUT" "$DRY" "$BUDGET" "$ELAPSED" <<'EOF'
 import json, re, sys
@@ -310,7 +316,7 @@ TARGETS = [
     ("new_conversation_voice_vs_warm", "new conversation + voice / warm", ("targets", "new_conversation_voice_vs_warm", "ratio"), "<=", 1.3, "x"),
 ]
 runs = {}
-for name in ("bench-compiled", "bench-compiled-nographs", "bench-eager"):
+for name in ("bench-compiled", "bench-graphs", "bench-compiled-nographs", "bench-eager"):
     try:
         runs[name] = json.loads((out / f"{name}.json").read_text())
     except (OSError, ValueError):
@@ -416,7 +422,7 @@ for name, data in runs.items():
         if why:
             lines.append(f"  agent turn, {adapter}: no figures ({str(why)[:200]})")
     compile_buckets(name)
-for name in ("bench-compiled", "bench-compiled-nographs", "bench-eager"):
+for name in ("bench-compiled", "bench-graphs", "bench-compiled-nographs", "bench-eager"):
     if name not in runs and (name != "bench-compiled-nographs" or (out / f"{name}.log").exists()):
         log = out / f"{name}.log"
         tail = [l for l in log.read_text(errors="replace").splitlines() if l.strip()][-1:] if log.exists() else []

@@ -345,7 +345,7 @@ def bench_table(result: dict) -> str:
         return "-" if v is None else f"{v:,.1f} ms"
 
     s, ttfa, frame = result["settings"], result["time_to_first_audio_ms"], result["per_frame"]
-    mode = ", ".join(x for x in (s["dtype"], s.get("quantize"), "compiled" if s.get("compile") else "eager") if x)
+    mode = ", ".join(x for x in (s["dtype"], s.get("quantize"), {True: "compiled", "graphs": "graphs"}.get(s.get("compile"), "eager")) if x)
     rows = [
         ("setup", f"{s['size']} model on {s['device']}, {mode}, {result['machine']['torch_threads']} thread(s)"
                   + (f", compile {s['compile_s']} s" if s.get("compile_s") is not None else "")),
@@ -429,6 +429,10 @@ def _add_voice_args(p: argparse.ArgumentParser, more: str = "") -> None:
 
 THREADS_HELP = "torch CPU threads (default: $CSM_THREADS, else $OMP_NUM_THREADS, else the CPUs this process may use)"
 DEVICE_HELP = "cpu, cuda or cuda:N; auto is cuda when torch sees a usable GPU, else cpu"
+COMPILE_HELP = ("compile the frame steps (on GPUs a frame is three CUDA graphs; about a minute per batch size at full "
+                "size); --compile graphs: the same CUDA graphs without torch.compile, ready in seconds")
+# --compile alone is True; --compile graphs is "graphs" (engine.check_compile)
+COMPILE_ARG = dict(nargs="?", const=True, default=False, choices=[True, "graphs"], metavar="graphs")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -498,14 +502,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights' dtype")
     p.add_argument("--quantize", choices=["int8"], help="int8 linear layers (CPU, float32)")
-    p.add_argument("--compile", action="store_true", help="compile the frame steps (CUDA graphs on GPUs); compile time is reported")
+    p.add_argument("--compile", **COMPILE_ARG, help=COMPILE_HELP + "; compile time is reported")
     p.add_argument("--streams", type=int, default=64, help="largest batch tried for concurrent streams")
     p.add_argument("--frames", type=int, help="frames timed per measurement (default 30 tiny, 6 full)")
     p.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
     p.add_argument("--no-baseline", action="store_true", help="skip transformers' generate (needs the dev extra)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--compile-batches", type=_batch_sizes, metavar="N,N,...",
-                   help="with --compile: the batch sizes compiled (default: powers of two up to --streams); fewer compile sooner")
+                   help="with --compile: the batch sizes compiled and captured (default: powers of two up to --streams); fewer compile sooner")
     from . import bench_agent_turn  # torch-free: its options only
 
     bench_agent_turn.add_arguments(p)
@@ -534,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else the CPUs this process may use)")
     p.add_argument("--max-cached-conversations", type=int, default=None, help="KV-cache slots (default 8)")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU, float32): faster on CPU")
-    p.add_argument("--compile", action="store_true", help="compile the frame steps at startup (CUDA graphs on GPUs)")
+    p.add_argument("--compile", **COMPILE_ARG, help=COMPILE_HELP + " at startup")
     _add_voice_args(p, "; clients name them (default: $CSM_VOICES_FILE, and the config file's voices_file / voices)")
     return parser
 

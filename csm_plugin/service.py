@@ -35,7 +35,10 @@ from .conversation.styles import UnknownTags, check_unknown_tags, split_style_ta
 from .conversation.types import (
     FRAME_MS, MAX_INPUT_RATE, MIN_INPUT_RATE, AudioChunk, Origin, Segment, Turn, Word, as_codes, check_name, check_speaker, check_text,
 )
-from .engine import AudioFrame, Engine, InferenceWorker, Sampling, SharedKey, SlotReleasedError, SlotsBusyError, Stream, max_frames_for_text
+from .engine import (
+    AudioFrame, Compile, Engine, InferenceWorker, Sampling, SharedKey, SlotReleasedError, SlotsBusyError, Stream, check_compile,
+    max_frames_for_text,
+)
 from .errors import AudioError, ConversationBusyError, CSMError, InputError, UnknownStyleError
 from .models.loading import DEFAULT_MODEL
 
@@ -88,9 +91,10 @@ class CSMService:
     max_cached_conversations bounds memory: that many conversations keep their KV cache; others
     keep their history and are prefilled again on their next turn. context_budget (positions,
     default the model's 2048) bounds a conversation's context plus the reply being generated.
-    quantize="int8" makes CPU decoding about 4x faster; compile=True compiles the frame steps
-    (CUDA graphs on GPUs, the fast choice there) for batches up to max_cached_conversations
-    while the service starts. unknown_style_tags: what a leading "[name]" tag that names no
+    quantize="int8" makes CPU decoding about 4x faster. On GPUs compile=True runs a frame as
+    three CUDA graphs of torch.compile'd kernels, the fast choice there, compiled for batches up
+    to max_cached_conversations while the service starts (about a minute per batch size at full
+    size); compile="graphs" captures the same graphs from the uncompiled model calls, in seconds. unknown_style_tags: what a leading "[name]" tag that names no
     registered style does: "drop" (removed, the reply is unstyled) or "speak" (spoken as text).
     """
 
@@ -105,13 +109,14 @@ class CSMService:
         max_text_tokens: int = 400,
         chunk_frames: int = 1,
         quantize: str | None = None,
-        compile: bool = False,
+        compile: Compile = False,
         unknown_style_tags: UnknownTags = "drop",
     ):
         if max_cached_conversations < 1:
             raise InputError("max_cached_conversations must be at least 1")
         if chunk_frames < 1:
             raise InputError("chunk_frames must be at least 1")
+        check_compile(compile)
         self.model, self.device, self.dtype = model, device, dtype
         self.quantize, self.compile = quantize, compile
         self.max_cached_conversations = max_cached_conversations

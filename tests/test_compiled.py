@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import assert_batched_equals_solo
 
 from csm_plugin.engine import Engine, FrameGenerator, Sampling
+from csm_plugin.engine.graphs import CUDA_GRAPHS_ENV
 from csm_plugin.errors import InputError
 from csm_plugin.prompt import Segment, build_prompt
 
@@ -48,7 +51,7 @@ def test_compiled_engine_streams_equal_eager_solo_streams(engines):
 
 def test_compiled_frames_equal_eager_frames(engines):
     eager, compiled = engines
-    assert compiled.generator.compiled and [compiled.generator.bucket(b) for b in (1, 2, 3)] == [1, 4, 4]
+    assert compiled.generator.mode == "compiled" and [compiled.generator.bucket(b) for b in (1, 2, 3)] == [1, 4, 4]
     h = hidden_states(eager)
     for frame in range(3):
         args = (SEEDS, [frame] * 3, TEMPERATURES, TOP_K)
@@ -96,12 +99,15 @@ def test_compiled_streams_stay_independent(engines):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graphs_match_eager_on_gpu(hf_checkpoint):
+@pytest.mark.parametrize("compile", [True, "graphs"])
+def test_cuda_graphs_match_eager_on_gpu(hf_checkpoint, compile):
     """The backbone step, the depth pass and the Mimi step each replayed as one CUDA graph per
-    batch bucket: one stream, then three batched and padded, equal eager on the same GPU."""
+    batch bucket (of torch.compile'd kernels, or of the eager ones): one stream, then three
+    batched and padded, equal eager on the same GPU."""
     eager = Engine.load(hf_checkpoint, device="cuda", slots=3)
-    compiled = Engine.load(hf_checkpoint, device="cuda", slots=3, compile=True, compile_batches=(1, 4))
+    compiled = Engine.load(hf_checkpoint, device="cuda", slots=3, compile=compile, compile_batches=(1, 4))
     compiled.warm_up()
+    assert compiled.cuda_graphs or os.environ.get(CUDA_GRAPHS_ENV) == "0"
     for sampling in (Sampling(top_k=1, max_audio_ms=640), Sampling(seed=2, max_audio_ms=640)):
         want = [f.codes for f in eager.synthesize([], 0, "Hello there.", sampling)]
         got = [f.codes for f in compiled.synthesize([], 0, "Hello there.", sampling)]

@@ -33,14 +33,15 @@ def test_gpu_check_dry_run_writes_every_file_and_target(tmp_path):
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
     steps = {line.split("\t")[0]: line.split("\t")[1] for line in (out / "steps.tsv").read_text().splitlines()}
-    assert steps == dict.fromkeys(["env", "wheels", "cuda-tests", "bench-compiled", "bench-eager", "summary"], "ok")
+    assert steps == dict.fromkeys(["env", "wheels", "cuda-tests", "bench-eager", "bench-graphs", "bench-compiled", "summary"], "ok")
     assert "torch" in json.loads((out / "env.json").read_text())
     xmls = sorted(out.glob("pytest-cuda-*.xml"))  # one pytest process per file with CUDA tests
     assert len(xmls) >= 2 and all("tests=" in x.read_text() for x in xmls)  # collected (and skipped)
 
-    for name, compiled in (("bench-compiled", True), ("bench-eager", False)):
+    for name, compile in (("bench-compiled", True), ("bench-graphs", "graphs"), ("bench-eager", False)):
         result = json.loads((out / f"{name}.json").read_text())
-        assert result["settings"]["size"] == "tiny" and result["settings"]["compile"] is compiled
+        assert result["settings"]["size"] == "tiny" and result["settings"]["compile"] == compile
+        assert result["settings"]["cuda_graphs"] is False  # (a CPU)
         assert result["per_frame"]["real_time_factor"] > 0
     compiled = json.loads((out / "bench-compiled.json").read_text())
     assert "baseline_transformers_generate" in compiled and compiled["settings"]["compile_batches"] == [1, 2]

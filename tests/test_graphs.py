@@ -1,5 +1,6 @@
-"""GraphedStep (a step replayed as one CUDA graph) and the compiled engine's plumbing around it:
-static buffers, scratch-only capture, padding to batch buckets, the Mimi step's scratch row.
+"""GraphedStep (a step replayed as one CUDA graph) and the fixed-shape engine around it
+(compile="graphs": compile=True's path without torch.compile): static buffers, scratch-only
+capture, padding to batch buckets, the Mimi step's scratch row.
 
 On CPU GraphedStep runs its warm-up, buffers and copies with a plain call in place of the replay,
 so everything but the capture itself is tested here; tests/test_compiled.py runs the real compiled
@@ -68,22 +69,38 @@ def test_scratch_inputs_must_match_the_inputs():
 
 @pytest.fixture(scope="module")
 def engines(hf_checkpoint):
-    """An eager engine, and a 'compiled' one whose torch.compile is the identity: the compiled
-    code path (static shapes, buckets 1 and 4, scratch slot and Mimi row, GraphedSteps) in
-    seconds, without building kernels."""
+    """An eager engine, and one with compile="graphs": the fixed-shape path (buckets 1 and 4,
+    scratch slot and Mimi row, GraphedSteps) without torch.compile, so in seconds."""
+    def no_compile(*args, **kwargs):
+        raise AssertionError('compile="graphs" must not call torch.compile')
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch, "compile", lambda fn, **kwargs: fn)
-        compiled = Engine.load(hf_checkpoint, slots=3, compile=True, compile_batches=(1, 4))
-    compiled.warm_up()
-    return Engine.load(hf_checkpoint, slots=3), compiled
+        patch.setattr(torch, "compile", no_compile)
+        graphed = Engine.load(hf_checkpoint, slots=3, compile="graphs", compile_batches=(1, 4))
+        graphed.warm_up()
+    return Engine.load(hf_checkpoint, slots=3), graphed
 
 
 def test_padded_graphed_steps_equal_eager_streams_codes_and_pcm(engines):
     """Three replies batched (3 -> 2 -> 1 streams as they end: buckets 4, 4, 1) equal each one
     alone in the eager engine, codes and audio: the padding rows (backbone, depth and Mimi) write
     only into scratch, and each call advances the Mimi rows once."""
-    eager, compiled = engines
-    graphs = [compiled.generator._feed_graphs, compiled.generator._depth_graphs, compiled._codec_graphs]
+    eager, graphed = engines
+    assert graphed.generator.mode == "graphs" and graphed.generator.static and not graphed.cuda_graphs  # (no GPU here)
+    graphs = [graphed.generator._feed_graphs, graphed.generator._depth_graphs, graphed._codec_graphs]
     assert [g.captured for g in graphs] == [2, 2, 2]  # warm_up: buckets 1 and 4 of each step
-    assert_batched_equals_solo(compiled, eager)
+    assert_batched_equals_solo(graphed, eager)
     assert [g.captured for g in graphs] == [2, 2, 2]  # the replies' top-k widths all fit the default's 64
+
+
+def test_compile_setting_is_checked(hf_checkpoint):
+    from csm_plugin import CSMService
+    from csm_plugin.engine import check_compile
+    from csm_plugin.errors import InputError
+
+    assert [check_compile(c) for c in (False, True, "graphs")] == ["eager", "compiled", "graphs"]
+    for bad in ("true", 1, None, "fast"):
+        with pytest.raises(InputError, match="compile must be False, True or"):
+            Engine.load(hf_checkpoint, compile=bad)
+    with pytest.raises(InputError, match="compile must be False, True or"):
+        CSMService(hf_checkpoint, compile="fast")  # before anything loads

@@ -360,6 +360,10 @@ def test_config_sources_and_safety(tmp_path):
     speed = ServerConfig.load(environ={"CSM_QUANTIZE": "int8", "CSM_COMPILE": "true"})
     assert speed.quantize == "int8" and speed.compile is True
     assert ServerConfig.load(environ={}).compile is False
+    assert ServerConfig.load(environ={"CSM_COMPILE": "graphs"}).compile == "graphs"
+    assert build_parser().parse_args(["serve", "--compile", "graphs"]).compile == "graphs"
+    with pytest.raises(ConfigError, match="compile"):
+        ServerConfig.load(environ={"CSM_COMPILE": "fast"})
     with pytest.raises(ConfigError, match="quantize"):
         ServerConfig.load(environ={"CSM_QUANTIZE": "int4"})
     args = build_parser().parse_args(["serve", "--model", "m", "--port", "0", "--no-auth", "--compile", "--quantize", "int8"])

@@ -16,7 +16,7 @@ from ..audio import resample_to_24k
 from ..errors import ContextTooLongError, InputError
 from ..models.loading import DEFAULT_MODEL, LoadedCheckpoint, load_checkpoint
 from ..prompt import Segment, audio_rows, segment_rows, text_rows
-from .frames import FrameGenerator
+from .frames import Compile, FrameGenerator
 from .graphs import GraphedStep
 from .sampling import FRAME_MS, Sampling, max_frames_for_text
 from .prefixes import PrefixStore, StoredPrefix, shared_prefix
@@ -73,7 +73,7 @@ class Engine:
     worker owns it; nothing here knows about asyncio."""
 
     def __init__(
-        self, checkpoint: LoadedCheckpoint, slots: int = 1, prefill_chunk: int = 256, compile: bool = False,
+        self, checkpoint: LoadedCheckpoint, slots: int = 1, prefill_chunk: int = 256, compile: Compile = False,
         compile_batches: Sequence[int] | None = None,
     ):
         self.checkpoint = checkpoint
@@ -81,9 +81,10 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         self.codec = checkpoint.codec
         self.generator = FrameGenerator(checkpoint.model, slots=slots, compile=compile, batches=compile_batches)
-        # Mimi decoder state: one row per cache slot, and compiled a scratch row for the padding
-        # of a batch bucket; the Mimi step is then one CUDA graph per bucket, like the frame's.
-        self.codec_state = self.codec.decode_state(slots + 1 if compile else slots)
+        # Mimi decoder state: one row per cache slot, and with fixed shapes (compile True or
+        # "graphs") a scratch row for the padding of a batch bucket: the Mimi step is then one
+        # GraphedStep (a CUDA graph per bucket on GPUs), like the frame's two.
+        self.codec_state = self.codec.decode_state(slots + 1 if self.generator.static else slots)
         self._codec_scratch_row = slots
         self._codec_graphs = GraphedStep(self._decode_rows, self.codec.device, self._decode_scratch, "Mimi step")
         self.slot_pool = SlotPool(slots)
@@ -98,7 +99,7 @@ class Engine:
         dtype: torch.dtype | str = torch.float32,
         slots: int = 1,
         quantize: str | None = None,
-        compile: bool = False,
+        compile: Compile = False,
         compile_batches: Sequence[int] | None = None,
     ) -> "Engine":
         checkpoint = load_checkpoint(model, device=device, dtype=parse_dtype(dtype), quantize=quantize)
@@ -294,15 +295,17 @@ class Engine:
 
     @property
     def cuda_graphs(self) -> bool:
-        """Whether frames run as CUDA-graph replays (compiled, on a GPU, CSM_CUDA_GRAPHS not 0)."""
-        return self.generator.compiled and self._codec_graphs.graphs
+        """Whether frames run as CUDA-graph replays (compile True or "graphs", on a GPU,
+        CSM_CUDA_GRAPHS not 0)."""
+        return self.generator.static and self._codec_graphs.graphs
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compiled: compile and capture the frame step and the Mimi step for every batch bucket
-        (writing only into scratch rows), so no live reply waits for it. Eager: nothing to do."""
+        """With fixed shapes (compile True or "graphs"): compile and capture the frame's steps and
+        the Mimi step for every batch bucket (writing only into scratch rows), so no live reply
+        waits for it. Eager: nothing to do."""
         self.generator.warm_up()
-        if self.generator.compiled:
+        if self.generator.static:
             for batch in self.generator.batches:
                 self._codec_graphs([torch.zeros(batch, self.generator.cfg.num_codebooks, 1, dtype=torch.long),
                                     torch.full((batch,), self._codec_scratch_row)])
@@ -312,7 +315,7 @@ class Engine:
         """One Mimi step: each stream's frame codes [n, 32] -> PCM [n, 1920] (float32), the
         decoder state of a stream being the row of its slot (distinct slots)."""
         rows = torch.tensor(slots)
-        if not self.generator.compiled:
+        if not self.generator.static:
             pcm = self.codec.decode_step(codes[:, :, None], self.codec_state, rows=rows)
         else:
             pad = self.generator.bucket(len(slots)) - len(slots)

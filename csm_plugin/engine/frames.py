@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -48,6 +49,21 @@ def next_codebook(
     return sample_topk(model.depth_logits(d, i), temperature, top_k, k_cap, keys, i)
 
 
+Compile = bool | Literal["graphs"]
+
+
+def check_compile(compile: Compile) -> Literal["eager", "graphs", "compiled"]:
+    """The engine's `compile` setting -> its mode: False "eager", "graphs" (fixed shapes and CUDA
+    graphs of the model calls as they are) or True "compiled" (the same, torch.compile'd)."""
+    if compile is False:
+        return "eager"
+    if compile is True:
+        return "compiled"
+    if compile == "graphs":
+        return "graphs"
+    raise InputError(f'compile must be False, True or "graphs", got {compile!r}')
+
+
 def batch_bucket(batch: int) -> int:
     """Compiled frames run at a few fixed batch sizes (powers of two); smaller batches are padded."""
     return 1 << max(0, batch - 1).bit_length()
@@ -56,23 +72,25 @@ def batch_bucket(batch: int) -> int:
 class FrameGenerator:
     """Runs a CSM model for streams that each own a backbone cache slot.
 
-    With compile=True the model calls of a frame (the backbone step, then 31 depth steps each with
-    its sampling) are torch.compile'd, and each of the two parts runs as one GraphedStep per batch
-    bucket: on GPUs the backbone step is one CUDA-graph replay and the whole depth pass another;
-    on CPUs the compiled C++ kernels run directly. Not thread-safe: one thread owns a
-    FrameGenerator (the service's inference worker).
+    compile (see `check_compile`): False runs the model calls eagerly at the batch's own size.
+    "graphs" and True run a frame at fixed shapes, padded to a batch bucket, as two GraphedSteps
+    per bucket, the backbone step and the whole 31-step depth pass: on GPUs each is one CUDA-graph
+    replay. True also torch.compiles the model calls inside (fused kernels, C++ on CPU: a minute
+    per bucket at full size on a GPU); "graphs" captures them as they are (seconds). Not
+    thread-safe: one thread owns a FrameGenerator (the service's inference worker).
     """
 
-    def __init__(self, model: CSM, slots: int = 1, compile: bool = False, batches: Sequence[int] | None = None):
+    def __init__(self, model: CSM, slots: int = 1, compile: Compile = False, batches: Sequence[int] | None = None):
         """batches: the batch sizes compiled (each a graph, compiled at warm_up; a batch runs at
         the smallest one that holds it). Default: the powers of two up to the slot count. Fewer
         sizes compile sooner (one full-size graph set takes about a minute on a GPU) and pad more."""
         self.model = model
         self.cfg = model.cfg
         self.device = model.codebook0_head.weight.device
-        if compile and model.quantized:
+        self.mode = check_compile(compile)
+        if self.mode == "compiled" and model.quantized:
             raise InputError(f"compile does not work with {model.quantized} quantization (torch.compile cannot trace it); choose one")
-        self.compiled = compile
+        self.static = self.mode != "eager"  # fixed shapes, batch buckets, GraphedSteps
         if batches is None:
             batches = {batch_bucket(b) for b in range(1, slots + 1)}
         if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches) or max(batches) < slots:
@@ -80,12 +98,12 @@ class FrameGenerator:
         self.batches = sorted(set(batches))
         # Compiled batches are padded to a bucket; the padding rows write into a scratch slot.
         self._scratch_slot = slots
-        cache_slots, rows = (slots + 1, self.batches[-1]) if compile else (slots, slots)
+        cache_slots, rows = (slots + 1, self.batches[-1]) if self.static else (slots, slots)
         if model.backbone_cache is None or model.backbone_cache.slots < cache_slots or model.decoder_cache.slots < rows:
             model.setup_caches(cache_slots, max_batch=rows)
         self._codebook_index = torch.arange(self.cfg.num_codebooks, device=self.device)
         self._feed_frame, self._first_codebooks, self._next_codebook = feed_frame, first_codebooks, next_codebook
-        if compile:
+        if self.mode == "compiled":
             from torch._dynamo import config as dynamo_config
 
             # One graph per (batch bucket, top-k bucket) pair.
@@ -114,7 +132,7 @@ class FrameGenerator:
         """Compile and capture the frame step for every batch bucket up to the slot count at
         `top_k`'s width, so no live reply waits for a compile. Other top-k widths compile when
         first used. The warm-up writes only into the scratch slot."""
-        if not self.compiled:
+        if not self.static:
             return
         for batch in self.batches:
             started = time.perf_counter()
@@ -140,7 +158,7 @@ class FrameGenerator:
     def feed_frames(self, slots: torch.Tensor, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Append one generated frame per stream: codes [B, 32] at positions [B] -> hidden [B, dim]."""
         B = slots.shape[0]
-        if not self.compiled:
+        if not self.static:
             return self._feed_step(slots.to(self.device), codes.to(self.device), positions.to(self.device))
         pad = self.bucket(B) - B
         if pad:
@@ -157,7 +175,7 @@ class FrameGenerator:
         -> codes [B, 32]. A stream's codes depend on its own (seed, frame) only, not on its batch."""
         B = h.shape[0]
         k_cap = top_k_bucket(max(top_k), self.cfg.audio_vocab_size)
-        pad = self.bucket(B) - B if self.compiled else 0
+        pad = self.bucket(B) - B if self.static else 0
         settings = torch.tensor(
             [[s % 2**32 for s in seeds] + [0] * pad, [f % 2**32 for f in frames] + [0] * pad, list(top_k) + [1] * pad]
         ).to(self.device)
@@ -166,12 +184,12 @@ class FrameGenerator:
         if pad:
             h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
         top_k = settings[2]
-        if not self.compiled:
+        if not self.static:
             return self._depth_pass(h, keys, temperature, top_k, k_cap)
         return self._depth_graphs([h, keys, temperature, top_k], k_cap)[:B]
 
     def _feed_step(self, slots: torch.Tensor, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self._feed_frame(self.model, slots, codes, positions, self.compiled)
+        return self._feed_frame(self.model, slots, codes, positions, self.static)
 
     def _feed_scratch(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         slots, codes, positions = tensors
@@ -180,7 +198,7 @@ class FrameGenerator:
     def _depth_pass(self, h: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, k_cap: int) -> torch.Tensor:
         """Hidden h [B, dim] -> codes [B, 32]: codebooks 0 and 1, then a depth step per codebook.
         Compiled, the codebook index is a tensor (no host sync, one graph for all 30 steps)."""
-        static = self.compiled
+        static = self.static
         codes = list(self._first_codebooks(self.model, h, keys, temperature, top_k, k_cap, static).unbind(1))
         for i in self._codebook_index[2:] if static else range(2, self.cfg.num_codebooks):
             codes.append(self._next_codebook(self.model, codes[-1], i, keys, temperature, top_k, k_cap, static))
