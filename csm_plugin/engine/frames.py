@@ -91,6 +91,9 @@ class FrameGenerator:
         if self.mode == "compiled" and model.quantized:
             raise InputError(f"compile does not work with {model.quantized} quantization (torch.compile cannot trace it); choose one")
         self.static = self.mode != "eager"  # fixed shapes, batch buckets, GraphedSteps
+        if self.mode == "graphs" and self.device.type != "cuda":
+            log.warning('compile="graphs" makes CUDA graphs; on %s it only pads batches to fixed shapes '
+                        '(compile=True, or quantize="int8" at full size, are the fast choices there)', self.device.type)
         if batches is None:
             batches = {batch_bucket(b) for b in range(1, slots + 1)}
         if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches) or max(batches) < slots:
