@@ -383,7 +383,7 @@ if "realtime_streams" not in missing:
 def compile_buckets(name):
     """`-v` logs each batch bucket's compile: how far a compile got even if its run was cut short."""
     log = out / f"{name}.log"
-    found = re.findall(r"compiled the frame step for (\d+) streams in ([\d.]+) s", log.read_text(errors="replace")) if log.exists() else []
+    found = re.findall(r"(?:compiled|captured) the frame step for (\d+) streams in ([\d.]+) s", log.read_text(errors="replace")) if log.exists() else []
     if found:
         lines.append(f"  compile time by batch bucket: " + ", ".join(f"{n}: {t} s" for n, t in found)
                      + f" (sum {sum(float(t) for _, t in found):.0f} s)")

@@ -142,7 +142,8 @@ class FrameGenerator:
             slots = torch.full((batch,), self._scratch_slot)
             h = self.feed_frames(slots, torch.zeros(batch, self.cfg.num_codebooks, dtype=torch.long), torch.zeros(batch, dtype=torch.long))
             self.sample_frames(h, [0] * batch, [0] * batch, [1.0] * batch, [top_k] * batch)
-            log.info("compiled the frame step for %d streams in %.1f s", batch, time.perf_counter() - started)
+            log.info("%s the frame step for %d streams in %.1f s", "compiled" if self.mode == "compiled" else "captured",
+                     batch, time.perf_counter() - started)
 
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: torch.Tensor, mask: torch.Tensor, start: int = 0) -> torch.Tensor:
