@@ -11,6 +11,7 @@ import signal
 import aiohttp
 import pytest
 
+from csm_plugin.cli import build_parser
 from csm_plugin.client import RemoteBackend
 from csm_plugin.models.loading import make_test_checkpoint
 from test_server_support import (
@@ -181,6 +182,9 @@ def test_deploy_examples_are_valid(tmp_path):
     docs = [d for d in yaml.safe_load_all((REPO / "docs" / "deploy" / "kubernetes.yaml").read_text()) if d]
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert {("StatefulSet", "csm-server"), ("Service", "csm-servers"), ("Deployment", "csm-nginx")} <= kinds
+    server = next(d for d in docs if d["metadata"]["name"] == "csm-server")["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(server["args"])  # the CLI takes them: a GPU server, compiled
+    assert args.func.__name__ == "cmd_serve" and args.device == "cuda" and args.compile is True
     headless = next(d for d in docs if d["metadata"]["name"] == "csm-servers")
     assert headless["spec"]["clusterIP"] == "None"
     nginx_conf = next(d for d in docs if d["metadata"]["name"] == "csm-nginx")["data"]["nginx.conf"]
