@@ -68,10 +68,14 @@ def run_out(engine: Engine, stream, frames: list) -> tuple[np.ndarray, np.ndarra
     return torch.stack([f.codes for f in frames]).numpy(), np.concatenate([f.pcm for f in frames])
 
 
+@pytest.mark.parametrize("compile", [False, "graphs"], ids=["eager", "graphs"])
 @pytest.mark.parametrize("taken", [False, True], ids=["slot-kept", "slot-taken-meanwhile"])
-def test_suspended_and_resumed_stream_equals_an_uninterrupted_one(hf_checkpoint, reference_engine, taken):
+def test_suspended_and_resumed_stream_equals_an_uninterrupted_one(hf_checkpoint, reference_engine, taken, compile):
+    """Also with fixed shapes and GraphedSteps (compile="graphs"): suspend and resume copy rows
+    in place, where the graphs read them, and the Mimi state's scratch row stays out of it."""
     codes_ref, pcm_ref = fresh(reference_engine, CONTEXT, LONG, seed=3, max_audio_ms=1600)
-    engine = Engine.load(hf_checkpoint, slots=1)
+    engine = Engine.load(hf_checkpoint, slots=1, compile=compile)
+    engine.warm_up()
     stream, frames = started(engine, "a", seed=3, frames=5)
     pool = engine.slot_pool
     suspended = suspend(engine, stream)
@@ -88,7 +92,10 @@ def test_suspended_and_resumed_stream_equals_an_uninterrupted_one(hf_checkpoint,
     assert engine.cached_keys("a") == ["a-0", "a-1"] and engine.cached_keys("b") == []
     codes, pcm = run_out(engine, stream, frames)
     assert np.array_equal(codes, codes_ref)
-    assert np.array_equal(pcm, pcm_ref)
+    if compile:  # the same audio up to float rounding (attention over all 2048 positions, masked)
+        assert np.allclose(pcm, pcm_ref, atol=1e-5, rtol=1e-4)
+    else:
+        assert np.array_equal(pcm, pcm_ref)
     engine.finish(stream, "a-2", Segment(0, LONG, codes))
     assert engine.cached_keys("a") == ["a-0", "a-1", "a-2"]
 

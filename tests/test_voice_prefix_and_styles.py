@@ -57,9 +57,12 @@ def assert_rows_equal(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
-def test_a_new_conversation_copies_the_shared_voice_rows(hf_checkpoint, reference_engine):
+@pytest.mark.parametrize("compile", [False, "graphs"], ids=["eager", "graphs"])
+def test_a_new_conversation_copies_the_shared_voice_rows(hf_checkpoint, reference_engine, compile):
+    """Also with fixed shapes and GraphedSteps (compile="graphs"): the copies land in place, where
+    the graphs read the cache."""
     async def main():
-        async with CSMService(hf_checkpoint, max_cached_conversations=2) as service:
+        async with CSMService(hf_checkpoint, max_cached_conversations=2, compile=compile) as service:
             await service.add_voice("agent", text="This is how I sound.", audio=voice_audio(1.0, seed=1), sample_rate=16_000)
             store = service.engine.prefixes
             first = service.conversation("first", voices={0: "agent"})
