@@ -195,8 +195,8 @@ def voice_like(seconds: float, seed: int = 0, rate: int = 24_000) -> np.ndarray:
 class EngineService(CSMService):
     """A CSMService on the bench's inference worker (its engine has the bench's random weights,
     built in memory): the service path and both adapters (`backend=`) run on the very engine,
-    and on the very thread, that the engine figures come from. One thread runs every use of a
-    compiled engine: CUDA-graph trees recorded on one thread fail when replayed from another.
+    and on the very thread, that the engine figures come from. One thread runs every use of an
+    engine, as in the product (an Engine and its GraphedSteps are not thread-safe).
     The worker outlives the service (closing the service leaves it running)."""
 
     def __init__(self, worker: Engine | InferenceWorker, **options):
