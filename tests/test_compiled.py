@@ -49,6 +49,17 @@ def test_compiled_engine_streams_equal_eager_solo_streams(engines):
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while speaking
 
 
+def test_warm_up_compiles_each_step_once_per_batch_size(hf_checkpoint):
+    """One graph per compiled function and batch size: the backbone step, the first depth step and
+    the other 30 (whose inputs all have the same strides, or each would compile twice)."""
+    from torch._dynamo.utils import counters
+
+    engine = Engine.load(hf_checkpoint, slots=2, compile=True, compile_batches=(2,))  # a size no other test compiles
+    before = counters["stats"]["unique_graphs"]
+    engine.warm_up()
+    assert counters["stats"]["unique_graphs"] - before == 3
+
+
 def test_compiled_frames_equal_eager_frames(engines):
     eager, compiled = engines
     assert compiled.generator.mode == "compiled" and [compiled.generator.bucket(b) for b in (1, 2, 3)] == [1, 4, 4]
@@ -113,6 +124,28 @@ def test_cuda_graphs_match_eager_on_gpu(hf_checkpoint, compile):
         got = [f.codes for f in compiled.synthesize([], 0, "Hello there.", sampling)]
         assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
     assert_batched_equals_solo(compiled, eager, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_attention_backends_agree_in_bf16(hf_checkpoint):
+    """In bf16 on H100/H200 recent torch picks cuDNN's attention, which has had silent GQA bugs on
+    other GPUs (pytorch#193893): the backbone prefill and the depth decoder (GQA, few kv heads)
+    agree with the math backend, up to bf16 rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    engine = Engine.load(hf_checkpoint, device="cuda", dtype="bfloat16", slots=3)
+
+    @torch.inference_mode()
+    def run() -> list[torch.Tensor]:
+        h = hidden_states(engine)  # [3, dim], three prompts of different lengths
+        d = engine.checkpoint.model.decoder_forward(torch.stack([h, h.flip(0)], dim=1), start=0)
+        return [h.float(), d.float()]
+
+    default = run()
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = run()
+    for got, want in zip(default, reference):
+        assert (got - want).norm() <= 0.1 * want.norm()
 
 
 def test_compiled_batch_sizes_are_checked(hf_checkpoint):

@@ -61,6 +61,26 @@ def test_results_are_copies_that_outlive_the_next_call():
     assert [first.item(), second.item(), third.item()] == [101.0, 2.0, 3.0]
 
 
+def test_a_failed_capture_falls_back_to_plain_calls_once_and_says_so(caplog):
+    """If capturing fails on a GPU, the step goes on without graphs (same results), logged once
+    at ERROR with the cause, and no later call tries to capture again."""
+    state, calls, graphed = counter_step()
+    attempts = []
+
+    def broken_record(inputs, constants):
+        attempts.append(constants)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphed.graphs, graphed._record = True, broken_record  # as on a GPU, whose capture fails
+    out = graphed([torch.tensor([0, 1]), torch.tensor([1.0, 2.0])], 10)
+    assert torch.equal(out, torch.tensor([10.0, 20.0])) and state[:3].tolist() == [1.0, 2.0, 0.0]
+    assert not graphed.graphs and len(attempts) == 1
+    graphed([torch.tensor([2]), torch.tensor([5.0])], 1)  # another shape: no second attempt
+    assert len(attempts) == 1 and state[:3].tolist() == [1.0, 2.0, 5.0]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "runs without CUDA graphs" in errors[0].getMessage() and errors[0].exc_info
+
+
 def test_scratch_inputs_must_match_the_inputs():
     graphed = GraphedStep(lambda x: x, torch.device("cpu"), lambda t: [t[0][:1]], "bad")
     with pytest.raises(ValueError, match="scratch inputs must have the shapes"):

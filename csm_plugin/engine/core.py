@@ -306,7 +306,7 @@ class Engine:
         waits for it. Eager: nothing to do."""
         self.generator.warm_up()
         if self.generator.static:
-            for batch in self.generator.batches:
+            for batch in reversed(self.generator.batches):  # the largest first, as the generator's
                 self._codec_graphs([torch.zeros(batch, self.generator.cfg.num_codebooks, 1, dtype=torch.long),
                                     torch.full((batch,), self._codec_scratch_row)])
 

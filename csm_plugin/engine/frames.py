@@ -104,13 +104,17 @@ class FrameGenerator:
         cache_slots, rows = (slots + 1, self.batches[-1]) if self.static else (slots, slots)
         if model.backbone_cache is None or model.backbone_cache.slots < cache_slots or model.decoder_cache.slots < rows:
             model.setup_caches(cache_slots, max_batch=rows)
-        self._codebook_index = torch.arange(self.cfg.num_codebooks, device=self.device)
+        # The depth steps' codebook indices 2..31 as tensors (fixed shapes: one graph serves all 30),
+        # each its own allocation: inductor copies an input that is not 16-byte aligned, as
+        # views into one arange would be, at every call.
+        self._depth_steps = [torch.tensor(i, device=self.device) for i in range(2, self.cfg.num_codebooks)]
         self._feed_frame, self._first_codebooks, self._next_codebook = feed_frame, first_codebooks, next_codebook
         if self.mode == "compiled":
             from torch._dynamo import config as dynamo_config
 
-            # One graph per (batch bucket, top-k bucket) pair.
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            # One graph per (batch bucket, top-k bucket) pair: up to 13 top-k buckets (1, 2, 4, ...,
+            # the vocabulary) for each batch bucket. Past the limit fullgraph=True would raise.
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 16 * len(self.batches))
             # CPU: a C++ wrapper calls the kernels instead of Python (about a third less time per
             # step at small sizes). GPU: plain inductor kernels; GraphedStep makes the CUDA graphs.
             how = {} if self.device.type == "cuda" else dict(options={"cpp_wrapper": True})
@@ -137,7 +141,7 @@ class FrameGenerator:
         first used. The warm-up writes only into the scratch slot."""
         if not self.static:
             return
-        for batch in self.batches:
+        for batch in reversed(self.batches):  # the largest first: smaller graphs reuse its pool memory
             started = time.perf_counter()
             slots = torch.full((batch,), self._scratch_slot)
             h = self.feed_frames(slots, torch.zeros(batch, self.cfg.num_codebooks, dtype=torch.long), torch.zeros(batch, dtype=torch.long))
@@ -203,8 +207,10 @@ class FrameGenerator:
         """Hidden h [B, dim] -> codes [B, 32]: codebooks 0 and 1, then a depth step per codebook.
         Compiled, the codebook index is a tensor (no host sync, one graph for all 30 steps)."""
         static = self.static
-        codes = list(self._first_codebooks(self.model, h, keys, temperature, top_k, k_cap, static).unbind(1))
-        for i in self._codebook_index[2:] if static else range(2, self.cfg.num_codebooks):
+        # Contiguous: a column view of the [B, 2] result has another stride than the later steps'
+        # codes, and a compiled next_codebook would be compiled twice, once for each.
+        codes = [c.contiguous() for c in self._first_codebooks(self.model, h, keys, temperature, top_k, k_cap, static).unbind(1)]
+        for i in self._depth_steps if static else range(2, self.cfg.num_codebooks):
             codes.append(self._next_codebook(self.model, codes[-1], i, keys, temperature, top_k, k_cap, static))
         return torch.stack(codes, dim=1)
 

@@ -72,32 +72,46 @@ class GraphedStep:
         if captured is None:
             captured = self._captured[key] = self._capture([t.to(self.device) for t in tensors], constants)
         for buffer, t in zip(captured.inputs, tensors):
-            buffer.copy_(t, non_blocking=True)
+            buffer.copy_(t)
         if captured.graph is None:
             captured.output.copy_(self.fn(*captured.inputs, *constants))
         else:
-            captured.graph.replay()
+            with torch.cuda.device(self.device):
+                captured.graph.replay()
         return captured.output.clone()
 
     def _capture(self, tensors: list[torch.Tensor], constants: tuple) -> _Captured:
         inputs = [t.clone() for t in self.scratch(tensors)]
         if [(t.shape, t.dtype, t.device) for t in inputs] != [(t.shape, t.dtype, t.device) for t in tensors]:
             raise ValueError(f"{self.name}: scratch inputs must have the shapes, dtypes and device of the inputs")
-        if not self.graphs:
-            for _ in range(WARMUP_CALLS):
-                output = self.fn(*inputs, *constants)
-            return _Captured(inputs, output.clone(), None)
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)  # warm up off the default stream, as capture requires
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_CALLS):
-                self.fn(*inputs, *constants)
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the server's other threads may use CUDA meanwhile (audio encoding on the
-        # GPU); only this thread's calls belong to the capture.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        if self.graphs:
+            try:
+                output, graph = self._record(inputs, constants)
+                log.debug("%s: captured a CUDA graph for %s", self.name, [tuple(t.shape) for t in inputs])
+                return _Captured(inputs, output, graph)
+            except Exception:  # noqa: BLE001 - the step still works, without graphs: say so once, loudly
+                # (the traceback shows the error inside the capture too, as the context of the one
+                # torch.cuda.graph raises when the capture ends)
+                log.error("%s: capturing a CUDA graph failed; this step runs without CUDA graphs from now on "
+                          "(slower, same results)", self.name, exc_info=True)
+                self.graphs = False
+        for _ in range(WARMUP_CALLS):
             output = self.fn(*inputs, *constants)
-        log.debug("%s: captured a CUDA graph for %s", self.name, [tuple(t.shape) for t in inputs])
-        return _Captured(inputs, output, graph)
+        return _Captured(inputs, output.clone(), None)
+
+    def _record(self, inputs: list[torch.Tensor], constants: tuple) -> tuple[torch.Tensor, torch.cuda.CUDAGraph]:
+        """Warm up on a side stream, then capture one call on another: (output, graph)."""
+        with torch.cuda.device(self.device):  # the capture stream must be on the tensors' device
+            current = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_CALLS):
+                    self.fn(*inputs, *constants)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the server's other threads may use CUDA meanwhile (audio encoding on
+            # the GPU); only this thread's calls belong to the capture.
+            with torch.cuda.graph(graph, pool=self._pool, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+                output = self.fn(*inputs, *constants)
+            return output, graph
