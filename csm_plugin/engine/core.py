@@ -296,8 +296,9 @@ class Engine:
     @property
     def cuda_graphs(self) -> bool:
         """Whether frames run as CUDA-graph replays (compile True or "graphs", on a GPU,
-        CSM_CUDA_GRAPHS not 0)."""
-        return self.generator.static and self._codec_graphs.graphs
+        CSM_CUDA_GRAPHS not 0, and no capture failed)."""
+        steps = (self.generator._feed_graphs, self.generator._depth_graphs, self._codec_graphs)
+        return self.generator.static and all(step.graphs for step in steps)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
