@@ -107,7 +107,7 @@ def test_padded_graphed_steps_equal_eager_streams_codes_and_pcm(engines):
     only into scratch, and each call advances the Mimi rows once."""
     eager, graphed = engines
     assert graphed.generator.mode == "graphs" and graphed.generator.static and not graphed.cuda_graphs  # (no GPU here)
-    graphs = [graphed.generator._feed_graphs, graphed.generator._depth_graphs, graphed._codec_graphs]
+    graphs = [*graphed.generator.graphed_steps, graphed._codec_graphs]
     assert [g.captured for g in graphs] == [2, 2, 2]  # warm_up: buckets 1 and 4 of each step
     assert_batched_equals_solo(graphed, eager)
     assert [g.captured for g in graphs] == [2, 2, 2]  # the replies' top-k widths all fit the default's 64

@@ -297,8 +297,7 @@ class Engine:
     def cuda_graphs(self) -> bool:
         """Whether frames run as CUDA-graph replays (compile True or "graphs", on a GPU,
         CSM_CUDA_GRAPHS not 0, and no capture failed)."""
-        steps = (self.generator._feed_graphs, self.generator._depth_graphs, self._codec_graphs)
-        return self.generator.static and all(step.graphs for step in steps)
+        return self.generator.static and all(step.graphs for step in (*self.generator.graphed_steps, self._codec_graphs))
 
     @torch.inference_mode()
     def warm_up(self) -> None:

@@ -126,6 +126,11 @@ class FrameGenerator:
         self._feed_graphs = GraphedStep(self._feed_step, self.device, self._feed_scratch, "backbone step")
         self._depth_graphs = GraphedStep(self._depth_pass, self.device, _depth_scratch, "depth pass")
 
+    @property
+    def graphed_steps(self) -> tuple[GraphedStep, GraphedStep]:
+        """The backbone step's and the depth pass's GraphedSteps (used with fixed shapes)."""
+        return self._feed_graphs, self._depth_graphs
+
     def bucket(self, batch: int) -> int:
         """The compiled batch size that runs `batch` streams (padded up to it)."""
         return next(b for b in self.batches if b >= batch)
