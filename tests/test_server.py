@@ -289,9 +289,12 @@ def test_disconnect_mid_reply_stops_the_stream(hf_checkpoint, how):
 
 # --- HTTP ---------------------------------------------------------------------------------------
 
-def test_wav_endpoint(hf_checkpoint):
+@pytest.mark.parametrize("compile", [False, "graphs"])
+def test_wav_endpoint(hf_checkpoint, compile):
+    """Also from a server with fixed shapes and GraphedSteps (CSM_COMPILE=graphs)."""
     async def main():
-        async with running_server(hf_checkpoint) as (url, state), aiohttp.ClientSession() as s:
+        async with running_server(hf_checkpoint, compile=compile) as (url, state), aiohttp.ClientSession() as s:
+            assert state.service.engine.generator.mode == {False: "eager", "graphs": "graphs"}[compile]
             codes = encode_codes(torch.randint(0, 2048, (4, 32)))
             body = {"text": "Here you go.", "seed": 1, "max_audio_ms": 400,
                     "context": [{"speaker": 1, "text": "Can I have it?", "audio": {"sample_rate": 16000, "data": pcm16(0.5)}},
