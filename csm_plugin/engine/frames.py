@@ -210,7 +210,8 @@ class FrameGenerator:
 
     def _depth_pass(self, h: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, k_cap: int) -> torch.Tensor:
         """Hidden h [B, dim] -> codes [B, 32]: codebooks 0 and 1, then a depth step per codebook.
-        Compiled, the codebook index is a tensor (no host sync, one graph for all 30 steps)."""
+        With fixed shapes the codebook index is a tensor (no host sync, one compiled graph for all
+        30 steps, and the whole pass one GraphedStep)."""
         static = self.static
         # Contiguous: a column view of the [B, 2] result has another stride than the later steps'
         # codes, and a compiled next_codebook would be compiled twice, once for each.
