@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_batched_equals_solo
+from conftest import BATCHED_REPLIES, assert_batched_equals_solo
 
 from csm_plugin.engine import Engine
 from csm_plugin.engine.graphs import WARMUP_CALLS, GraphedStep
@@ -110,7 +110,9 @@ def test_padded_graphed_steps_equal_eager_streams_codes_and_pcm(engines):
     graphs = [*graphed.generator.graphed_steps, graphed._codec_graphs]
     assert [g.captured for g in graphs] == [2, 2, 2]  # warm_up: buckets 1 and 4 of each step
     assert_batched_equals_solo(graphed, eager)
-    assert [g.captured for g in graphs] == [2, 2, 2]  # the replies' top-k widths all fit the default's 64
+    greedy = [(text, dict(settings, top_k=1)) for text, settings in BATCHED_REPLIES]
+    assert_batched_equals_solo(graphed, eager, greedy)
+    assert [g.captured for g in graphs] == [2, 2, 2]  # every top_k up to the default's runs its width (64)
 
 
 def test_compile_setting_is_checked(hf_checkpoint):

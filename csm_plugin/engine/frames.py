@@ -142,8 +142,9 @@ class FrameGenerator:
     @torch.inference_mode()  # live inputs are inference tensors; compiled graphs are specialized to that
     def warm_up(self, top_k: int = Sampling.top_k) -> None:
         """Compile and capture the frame step for every batch bucket up to the slot count at
-        `top_k`'s width, so no live reply waits for a compile. Other top-k widths compile when
-        first used. The warm-up writes only into the scratch slot."""
+        `top_k`'s width, so no live reply waits for a compile: every top_k up to the default's
+        (50, a width of 64) runs at that width. Wider ones compile when first used. The warm-up
+        writes only into the scratch slot."""
         if not self.static:
             return
         for batch in reversed(self.batches):  # the largest first: smaller graphs reuse its pool memory
@@ -188,6 +189,8 @@ class FrameGenerator:
         -> codes [B, 32]. A stream's codes depend on its own (seed, frame) only, not on its batch."""
         B = h.shape[0]
         k_cap = top_k_bucket(max(top_k), self.cfg.audio_vocab_size)
+        if self.static:  # every top_k up to the default's width runs the graph warm_up made (greedy too)
+            k_cap = max(k_cap, top_k_bucket(Sampling.top_k, self.cfg.audio_vocab_size))
         pad = self.bucket(B) - B if self.static else 0
         settings = torch.tensor(
             [[s % 2**32 for s in seeds] + [0] * pad, [f % 2**32 for f in frames] + [0] * pad, list(top_k) + [1] * pad]
