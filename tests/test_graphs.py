@@ -115,6 +115,14 @@ def test_padded_graphed_steps_equal_eager_streams_codes_and_pcm(engines):
     assert [g.captured for g in graphs] == [2, 2, 2]  # every top_k up to the default's runs its width (64)
 
 
+def test_a_wider_top_k_than_the_warm_up_made_is_logged(engines, caplog):
+    eager, graphed = engines
+    wide = [(text, dict(settings, top_k=100)) for text, settings in BATCHED_REPLIES[:1]]
+    assert_batched_equals_solo(graphed, eager, wide)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "top_k 100 needs a top-k width (128)" in warnings[0] and "capturing" in warnings[0]
+
+
 def test_compile_setting_is_checked(hf_checkpoint):
     from csm_plugin import CSMService
     from csm_plugin.engine import check_compile

@@ -123,6 +123,7 @@ class FrameGenerator:
             self._feed_frame = torch.compile(feed_frame, dynamic=False, fullgraph=True, **how)
             self._first_codebooks = torch.compile(first_codebooks, dynamic=False, fullgraph=True, **how)
             self._next_codebook = torch.compile(next_codebook, dynamic=False, fullgraph=True, **how)
+        self._top_k_widths: set[int] = set()  # the depth pass's top-k widths used so far (warm_up's first)
         self._feed_graphs = GraphedStep(self._feed_step, self.device, self._feed_scratch, "backbone step")
         self._depth_graphs = GraphedStep(self._depth_pass, self.device, _depth_scratch, "depth pass")
 
@@ -187,8 +188,8 @@ class FrameGenerator:
     ) -> torch.Tensor:
         """Backbone hidden h [B, dim] and each stream's seed, frame number, temperature and top_k
         -> codes [B, 32]. A stream's codes depend on its own (seed, frame) only, not on its batch."""
-        B = h.shape[0]
-        k_cap = top_k_bucket(max(top_k), self.cfg.audio_vocab_size)
+        B, widest = h.shape[0], max(top_k)
+        k_cap = top_k_bucket(widest, self.cfg.audio_vocab_size)
         if self.static:  # every top_k up to the default's width runs the graph warm_up made (greedy too)
             k_cap = max(k_cap, top_k_bucket(Sampling.top_k, self.cfg.audio_vocab_size))
         pad = self.bucket(B) - B if self.static else 0
@@ -202,6 +203,13 @@ class FrameGenerator:
         top_k = settings[2]
         if not self.static:
             return self._depth_pass(h, keys, temperature, top_k, k_cap)
+        if k_cap not in self._top_k_widths:
+            self._top_k_widths.add(k_cap)
+            if len(self._top_k_widths) > 1:  # after the warm-up's: made now, while every stream waits
+                log.warning("top_k %d needs a top-k width (%d) the warm-up did not prepare: %s the depth pass for it "
+                            "now, each batch size when first used, while every stream waits (top_k up to %d needs "
+                            "nothing new)", widest, k_cap, "compiling" if self.mode == "compiled" else "capturing",
+                            min(self._top_k_widths))
         return self._depth_graphs([h, keys, temperature, top_k], k_cap)[:B]
 
     def _feed_step(self, slots: torch.Tensor, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
