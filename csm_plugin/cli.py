@@ -319,7 +319,8 @@ def cmd_bench(args) -> None:
     args.device = resolve_device(args.device)
     threads = configure_threads(args.threads)
     log.info("bench: %s size on %s, %d CPU thread(s)%s", args.size, args.device, threads,
-             "; compiling every batch size first (minutes; each one is logged)" if args.compile else "")
+             {True: "; compiling every batch size first (minutes; each one is logged)",
+              "graphs": "; capturing every batch size first (seconds)"}.get(args.compile, ""))
     log.info("measuring first audio, the per-frame split, concurrent streams up to %d%s; the table and the JSON "
              "come at the end (about half a minute at the tiny size on 2 CPU cores, minutes at the full size)",
              args.streams, "" if args.no_baseline else " and transformers' generate on the same weights")
