@@ -94,8 +94,9 @@ class CSMService:
     quantize="int8" makes CPU decoding about 4x faster. On GPUs compile=True runs a frame as
     three CUDA graphs of torch.compile'd kernels, the fast choice there, compiled for batches up
     to max_cached_conversations while the service starts (about a minute per batch size at full
-    size); compile="graphs" captures the same graphs from the uncompiled model calls, in seconds. unknown_style_tags: what a leading "[name]" tag that names no
-    registered style does: "drop" (removed, the reply is unstyled) or "speak" (spoken as text).
+    size); compile="graphs" captures the same graphs from the uncompiled model calls, in seconds.
+    unknown_style_tags: what a leading "[name]" tag that names no registered style does: "drop"
+    (removed, the reply is unstyled) or "speak" (spoken as text).
     """
 
     def __init__(
