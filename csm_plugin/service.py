@@ -37,7 +37,7 @@ from .conversation.types import (
 )
 from .engine import (
     AudioFrame, Compile, Engine, InferenceWorker, Sampling, SharedKey, SlotReleasedError, SlotsBusyError, Stream, check_compile,
-    max_frames_for_text,
+    default_compile, max_frames_for_text,
 )
 from .errors import AudioError, ConversationBusyError, CSMError, InputError, UnknownStyleError
 from .models.loading import DEFAULT_MODEL
@@ -91,10 +91,11 @@ class CSMService:
     max_cached_conversations bounds memory: that many conversations keep their KV cache; others
     keep their history and are prefilled again on their next turn. context_budget (positions,
     default the model's 2048) bounds a conversation's context plus the reply being generated.
-    quantize="int8" makes CPU decoding about 4x faster. On GPUs compile=True runs a frame as
-    three CUDA graphs of torch.compile'd kernels, the fast choice there, compiled for batches up
-    to max_cached_conversations while the service starts (about a minute per batch size at full
-    size); compile="graphs" captures the same graphs from the uncompiled model calls, in seconds.
+    quantize="int8" makes CPU decoding about 4x faster. compile: on GPUs a frame runs as three
+    CUDA graphs, prepared for batches up to max_cached_conversations while the service starts:
+    "graphs" captures them from the model calls as they are (seconds), True from torch.compile'd
+    kernels (about a minute per batch size at full size); False runs uncompiled, which on a GPU
+    is not real time. None (the default): "graphs" on a GPU, False on a CPU.
     unknown_style_tags: what a leading "[name]" tag that names no registered style does: "drop"
     (removed, the reply is unstyled) or "speak" (spoken as text).
     """
@@ -110,13 +111,15 @@ class CSMService:
         max_text_tokens: int = 400,
         chunk_frames: int = 1,
         quantize: str | None = None,
-        compile: Compile = False,
+        compile: Compile | None = None,
         unknown_style_tags: UnknownTags = "drop",
     ):
         if max_cached_conversations < 1:
             raise InputError("max_cached_conversations must be at least 1")
         if chunk_frames < 1:
             raise InputError("chunk_frames must be at least 1")
+        if compile is None:
+            compile = default_compile(device)
         check_compile(compile)
         self.model, self.device, self.dtype = model, device, dtype
         self.quantize, self.compile = quantize, compile

@@ -134,3 +134,7 @@ def test_compile_setting_is_checked(hf_checkpoint):
             Engine.load(hf_checkpoint, compile=bad)
     with pytest.raises(InputError, match="compile must be False, True or"):
         CSMService(hf_checkpoint, compile="fast")  # before anything loads
+    # Not told: CUDA graphs on a GPU (uncompiled GPU decoding is not real time), nothing on a CPU.
+    assert CSMService(hf_checkpoint, device="cuda").compile == "graphs"
+    assert CSMService(hf_checkpoint, device="cuda:1", compile=False).compile is False
+    assert CSMService(hf_checkpoint).compile is False and CSMService(hf_checkpoint, device="mps?").compile is False

@@ -362,7 +362,8 @@ def test_config_sources_and_safety(tmp_path):
     assert not ServerConfig.load(environ={}, host="0.0.0.0").binds_loopback_only
     speed = ServerConfig.load(environ={"CSM_QUANTIZE": "int8", "CSM_COMPILE": "true"})
     assert speed.quantize == "int8" and speed.compile is True
-    assert ServerConfig.load(environ={}).compile is False
+    assert ServerConfig.load(environ={}).compile is None  # the service's default: "graphs" on a GPU, False on a CPU
+    assert ServerConfig.load(environ={"CSM_COMPILE": "false"}).compile is False
     assert ServerConfig.load(environ={"CSM_COMPILE": "graphs"}).compile == "graphs"
     assert build_parser().parse_args(["serve", "--compile", "graphs"]).compile == "graphs"
     with pytest.raises(ConfigError, match="compile"):

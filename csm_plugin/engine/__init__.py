@@ -13,7 +13,9 @@ each of them.
 """
 
 from .core import FRAME_MS, AudioFrame, Engine, Stream, parse_dtype
-from .frames import Compile, FrameGenerator, batch_bucket, check_compile, feed_frame, first_codebooks, next_codebook
+from .frames import (
+    Compile, FrameGenerator, batch_bucket, check_compile, default_compile, feed_frame, first_codebooks, next_codebook,
+)
 from .prefixes import PrefixStore, SharedKey
 from .sampling import Sampling, gumbel_noise, max_frames_for_text, noise_keys, sample_topk, top_k_bucket
 from .slots import CachedSegment, Lease, Slot, SlotPool, SlotReleasedError, SlotsBusyError
@@ -38,6 +40,7 @@ __all__ = [
     "Stream",
     "batch_bucket",
     "check_compile",
+    "default_compile",
     "feed_frame",
     "first_codebooks",
     "gumbel_noise",

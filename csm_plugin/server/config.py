@@ -87,8 +87,9 @@ class ServerConfig(BaseModel):
     device: str = "cpu"
     dtype: str = "float32"
     quantize: Literal["int8"] | None = Field(None, description="int8 linear layers (CPU, float32)")
-    compile: bool | Literal["graphs"] = Field(
-        False, description='compile the frame steps at startup (CUDA graphs on GPUs); "graphs": the CUDA graphs without torch.compile (seconds)'
+    compile: bool | Literal["graphs"] | None = Field(
+        None, description='the frame steps at startup: true compiles them (CUDA graphs on GPUs), "graphs" captures the '
+                          'CUDA graphs without torch.compile (seconds), false neither; default: "graphs" on a GPU, false on a CPU'
     )
     max_cached_conversations: int = Field(8, ge=1, description="KV-cache slots")
     chunk_frames: int = Field(1, ge=1, description="80 ms frames per audio message")

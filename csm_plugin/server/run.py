@@ -67,8 +67,9 @@ async def serve(config: ServerConfig, *, started=None) -> int:
         return LOAD_FAILED
     port = runner.addresses[0][1] if runner.addresses else config.port
     url = f"{url_scheme(config)}://{config.host}:{port}"
-    print(f"csm-plugin server listening on {url} (model {config.model} on {config.device}, {threads} CPU thread(s)); "
-          "loading the model...", flush=True)
+    frames = {False: "uncompiled", True: "compiled", "graphs": "CUDA graphs"}[state.service.compile]
+    print(f"csm-plugin server listening on {url} (model {config.model} on {config.device}, frames {frames}, "
+          f"{threads} CPU thread(s)); loading the model...", flush=True)
     if started is not None:
         started(port)
 
