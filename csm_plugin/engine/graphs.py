@@ -60,6 +60,7 @@ class GraphedStep:
         # One memory pool for all of this object's graphs: they never run at the same time, and
         # each output is copied out before another replay can reuse its memory.
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self._capture_stream: torch.cuda.Stream | None = None  # the same for every capture into the pool
 
     @property
     def captured(self) -> int:
@@ -110,8 +111,12 @@ class GraphedStep:
                     self.fn(*inputs, *constants)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            # One stream for all captures into the pool: the pool's freed blocks are reused only
+            # by later captures on the stream that freed them (torch.cuda.graph's docs).
+            if self._capture_stream is None:
+                self._capture_stream = torch.cuda.Stream()
             # thread_local: the server's other threads may use CUDA meanwhile (audio encoding on
             # the GPU); only this thread's calls belong to the capture.
-            with torch.cuda.graph(graph, pool=self._pool, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"):
                 output = self.fn(*inputs, *constants)
             return output, graph
