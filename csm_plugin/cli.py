@@ -157,12 +157,14 @@ def encode_context(items: list[ContextItem], engine) -> list:
 
 
 def load_engine(model, args):
-    from .engine import Engine
+    from .engine import Engine, default_compile
     from .models.loading import tiny_config
 
     log.info("loading %s on %s (%s%s)...", model, args.device, args.dtype, ", int8" if args.quantize else "")
     started = time.perf_counter()
-    engine = Engine.load(model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    # As the service: on a GPU the frames run as CUDA graphs (uncompiled GPU decoding is not real time)
+    engine = Engine.load(model, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=default_compile(args.device))
+    engine.warm_up()
     log.info("model ready in %.1f s", time.perf_counter() - started)
     cfg, tiny = engine.checkpoint.config, tiny_config()
     if (cfg.backbone.dim, cfg.backbone.n_layers, cfg.decoder.dim) == (tiny.backbone.dim, tiny.backbone.n_layers, tiny.decoder.dim):
