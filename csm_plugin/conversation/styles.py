@@ -12,11 +12,12 @@ import re
 from typing import Literal
 
 from ..errors import InputError
+from .types import NAME_PATTERN
 
 UnknownTags = Literal["drop", "speak"]
 UNKNOWN_TAGS: tuple[str, ...] = ("drop", "speak")
 
-_TAG = re.compile(r"\s*\[([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\]\s*")
+_TAG = re.compile(rf"\s*\[({NAME_PATTERN})\]\s*")
 
 
 def check_unknown_tags(value: object) -> UnknownTags:

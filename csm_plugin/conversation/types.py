@@ -46,7 +46,8 @@ def check_text(text: object) -> str:
     return text.strip()
 
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # a voice or style name (also inside a "[style]" tag)
+_NAME = re.compile(NAME_PATTERN)
 
 
 def check_name(name: object, what: str = "name") -> str:
