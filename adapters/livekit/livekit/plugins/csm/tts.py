@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from livekit import rtc
@@ -54,7 +54,7 @@ from livekit.agents.utils import is_given
 from livekit.agents.voice import io
 
 # torch-free: the import stays light (LiveKit's forkserver preloads plugins)
-from csm_plugin.conversation.clauses import TextSplitter, split_text
+from csm_plugin.conversation.clauses import SplitMode, TextSplitter, split_text
 from csm_plugin.conversation.options import SpeakOptions
 from csm_plugin.conversation.styles import StyleTagCarry
 from csm_plugin.conversation.types import FRAME_MS, check_name
@@ -67,7 +67,6 @@ if TYPE_CHECKING:
 
     from csm_plugin.backend import ConversationHandle, SpeechBackend
 
-SplitMode = Literal["clause", "sentence"]
 
 _USER_AUDIO_MARGIN_S = 0.25  # around the session's speech start/stop times
 _USER_AUDIO_KEEP_S = 120.0
@@ -182,9 +181,8 @@ class TTS(tts.TTS):
             raise ValueError("pass either url= or backend=, not both")
         if speaker == user_speaker:
             raise ValueError("speaker and user_speaker must differ")
-        if split not in ("clause", "sentence"):
-            raise ValueError(f"split must be 'clause' or 'sentence', got {split!r}")
-        TextSplitter(split, min_words=clause_min_words, max_words=clause_max_words)  # InputError (a ValueError) if bad
+        # split and the clause word counts checked by the one splitter: InputError (a ValueError) if bad
+        TextSplitter(split, min_words=clause_min_words, max_words=clause_max_words)
         self._model_name = model
         self._url = url
         self._api_key = api_key
