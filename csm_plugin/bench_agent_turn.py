@@ -221,8 +221,7 @@ async def run_async(engine, **options) -> dict:
     from .bench import VOICE_TEXT, EngineService, voice_like
 
     opts = Options(**{k: tuple(v) if k == "frameworks" else v for k, v in options.items()})
-    if opts.split not in ("clause", "sentence"):
-        raise ValueError(f"split must be 'clause' or 'sentence', got {opts.split!r}")
+    TextSplitter(opts.split)  # the split mode, checked where it is defined (InputError, a ValueError)
     unknown = [name for name in opts.frameworks if name not in ("pipecat", "livekit")]
     if unknown:
         raise ValueError(f"unknown framework {unknown[0]!r} (pipecat, livekit)")
